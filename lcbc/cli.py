@@ -1,0 +1,217 @@
+"""The `lcbc` command. Each subcommand parses its arguments here and calls into the package.
+
+A user's mistake (`UserError`) prints one line and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from lcbc.errors import UserError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def cmd_collect(args) -> None:
+    from lcbc.envs.collect import collect
+    from lcbc.envs.metaworld import benchmark_tasks
+
+    tasks = benchmark_tasks(args.benchmark)
+    camera = args.camera if args.obs in ("rgb", "both") else None
+    mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
+    report = collect(args.out, tasks, args.episodes_per_task, seed=args.seed, camera=camera,
+                     image_size=args.image_size, workers=args.workers, mode=mode)
+    table = Table("task", "attempts", "kept", title=f"{args.out}")
+    for task in tasks:
+        table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
+    Console().print(table)
+    short = [task for task in tasks if report.kept.get(task, 0) < args.episodes_per_task]
+    if short:
+        Console(stderr=True).print(f"[yellow]fewer successful episodes than asked for: {', '.join(short)}")
+
+
+def cmd_inspect(args) -> None:
+    from lcbc.data.hdf5 import summarize
+
+    summary = summarize(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    length = summary["length"]
+    console.print(f"[bold]{summary['path']}[/]  env: {summary['env']}")
+    console.print(f"demos: {summary['demos']}  steps: {summary['total_steps']}  "
+                  f"length min/median/max: {length['min']}/{length['median']:g}/{length['max']}")
+    obs = Table("obs key", "shape", "dtype")
+    for key, info in summary["obs"].items():
+        obs.add_row(key, str(tuple(info["shape"])), info["dtype"])
+    console.print(obs)
+    actions = Table("action dim", "min", "max", title=f"actions ({summary['action_dim']}-d)")
+    for dim, (low, high) in enumerate(zip(summary["action_min"], summary["action_max"])):
+        actions.add_row(str(dim), f"{low:.4f}", f"{high:.4f}")
+    console.print(actions)
+    instructions = Table("instruction", "demos")
+    for text, count in summary["instructions"].items():
+        instructions.add_row(text, str(count))
+    console.print(instructions)
+    masks = ", ".join(f"{name} ({count})" for name, count in summary["masks"].items()) or "none"
+    console.print(f"filter masks: {masks}")
+
+
+def cmd_export(args) -> None:
+    from lcbc.training.bc import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported policy to {out}")
+
+
+def _load_policy(directory: str):
+    import torch
+
+    from lcbc.policies.language_policy import LanguagePolicy
+
+    torch.set_num_threads(1)  # small batched forward passes: one thread is fastest on few cores
+    return LanguagePolicy.from_pretrained(directory)
+
+
+def _policy_camera(policy) -> tuple[str | None, int]:
+    """Pixel policies name their camera in their image key (`corner_rgb`)."""
+    keys = policy.config["image_keys"]
+    return (keys[0].removesuffix("_rgb"), policy.config["rt1"]["image_size"]) if keys else (None, 64)
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+
+    from lcbc.envs.metaworld import benchmark_tasks
+    from lcbc.evaluation.report import markdown, record_video, success_table, write_report
+    from lcbc.evaluation.rollout import ExpertActor, PolicyActor, rollout
+
+    tasks = benchmark_tasks(args.benchmark)
+    instructions = None
+    if args.instructions:
+        try:
+            instructions = json.loads(Path(args.instructions).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"{args.instructions}: not a readable JSON file ({error})") from None
+        if not isinstance(instructions, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in instructions.values()):
+            raise UserError(f"{args.instructions}: expected a JSON object: task name -> list of instructions")
+    policy = _load_policy(args.policy)
+    camera, size = _policy_camera(policy)
+    actor = PolicyActor(policy)
+    result = rollout(actor, tasks, args.episodes, instructions, seed=args.seed, envs_per_task=args.envs_per_task,
+                     camera=camera, image_size=size)
+    expert = None if args.no_expert else rollout(ExpertActor(), tasks, args.episodes, seed=args.seed,
+                                                 envs_per_task=args.envs_per_task, progress=False)
+    table = success_table(tasks, result, expert)
+    out = Path(args.out)
+    write_report(table, out)
+    videos = []
+    for task in tasks:
+        for episode in range(args.videos):
+            from lcbc.envs.instructions import canonical_instruction
+
+            path = out / "videos" / f"{task}_{episode}.gif"
+            record_video(actor, task, canonical_instruction(task), path, args.seed, episode, camera or "corner",
+                         size if camera else 128)
+            videos.append(path)
+    Console().print(markdown(table))
+    print(f"{table['steps_per_second']} env steps/s; report in {out}/success.md, chart {out}/success.png")
+    if videos:
+        print(f"videos: {videos[0]} (+{len(videos) - 1} more)" if len(videos) > 1 else f"video: {videos[0]}")
+
+
+def cmd_act(args) -> None:
+    from pathlib import Path
+
+    from lcbc.envs.metaworld import benchmark_tasks
+    from lcbc.evaluation.report import record_video
+    from lcbc.evaluation.rollout import PolicyActor
+
+    task = benchmark_tasks(args.task)[0]
+    policy = _load_policy(args.policy)
+    camera, size = _policy_camera(policy)
+    video = Path(args.video) if args.video else Path(f"{task}.gif")
+    success = record_video(PolicyActor(policy), task, args.instruction, video, args.seed, args.episode,
+                           camera or "corner", size if camera else 128)
+    print(f"{'succeeded' if success else 'failed'}: {args.instruction!r} in {task}; video: {video}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcbc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    collect = commands.add_parser("collect", help="collect Meta-World scripted-expert demonstrations")
+    collect.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    collect.add_argument("--episodes-per-task", type=int, default=50)
+    collect.add_argument("--obs", choices=("state", "rgb", "both"), default="state")
+    collect.add_argument("--image-size", type=int, default=64)
+    collect.add_argument("--camera", default="corner")
+    collect.add_argument("--out", required=True)
+    collect.add_argument("--seed", type=int, default=0, help="benchmark seed: picks the goal variations")
+    collect.add_argument("--workers", type=int, default=2)
+    existing = collect.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    existing.add_argument("--resume", action="store_true", help="add the missing episodes to an existing file")
+    collect.set_defaults(run=cmd_collect)
+
+    inspect = commands.add_parser("inspect", help="validate and summarize a demonstration file")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(run=cmd_inspect)
+
+    export = commands.add_parser("export", help="write a checkpoint's policy as safetensors + JSON")
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir")
+    export.set_defaults(run=cmd_export)
+
+    evaluate = commands.add_parser("eval", help="success per task in Meta-World rollouts")
+    evaluate.add_argument("--policy", required=True, help="an exported policy folder")
+    evaluate.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    evaluate.add_argument("--episodes", type=int, default=50, help="goal variations per task (and phrasing)")
+    evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try")
+    evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
+    evaluate.add_argument("--out", default="eval")
+    evaluate.add_argument("--seed", type=int, default=1, help="benchmark seed of the evaluation goals")
+    evaluate.add_argument("--envs-per-task", type=int, default=10)
+    evaluate.add_argument("--no-expert", action="store_true", help="skip the scripted expert's reference run")
+    evaluate.set_defaults(run=cmd_eval)
+
+    act = commands.add_parser("act", help="run one episode following a natural-language instruction")
+    act.add_argument("--policy", required=True)
+    act.add_argument("--task", required=True, help="the Meta-World scene, e.g. drawer-open-v3")
+    act.add_argument("instruction")
+    act.add_argument("--video", help="GIF path (default: <task>.gif)")
+    act.add_argument("--seed", type=int, default=1)
+    act.add_argument("--episode", type=int, default=0, help="which goal variation of the seed")
+    act.set_defaults(run=cmd_act)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from lcbc.training.cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return
+        args = build_parser().parse_args(argv)
+        if getattr(args, "episodes_per_task", 1) < 1:
+            raise UserError("--episodes-per-task must be at least 1")
+        args.run(args)
+    except UserError as error:
+        print(f"lcbc: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

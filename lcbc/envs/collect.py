@@ -1,0 +1,131 @@
+"""Collect demonstrations from Meta-World's scripted experts into an HDF5 demonstration file.
+
+Workers roll out the expert, one goal variation per episode, and send each successful episode to
+the parent, which is the only writer and flushes after every demo: a killed collection keeps every
+episode finished before the kill, and `resume=True` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lcbc.data.hdf5 import DemoWriter
+from lcbc.envs.instructions import canonical_instruction
+from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
+
+
+@dataclass
+class CollectionReport:
+    attempts: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+
+
+def rollout_expert(env: MetaWorldEnv, expert) -> tuple[dict, bool]:
+    """One expert episode; stops at the first success or when Meta-World truncates."""
+    low, high = env.action_space.low, env.action_space.high
+    obs, _ = env.reset()
+    steps: dict[str, list] = {"actions": [], "rewards": [], "states": [], **{f"obs/{k}": [] for k in obs}}
+    success = False
+    while True:
+        action = np.clip(expert.get_action(obs["state"]), low, high)
+        steps["states"].append(env.simulator_state())
+        for key, value in obs.items():
+            steps[f"obs/{key}"].append(value)
+        steps["actions"].append(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        steps["rewards"].append(reward)
+        if info["success"]:
+            success = True
+            break
+        if terminated or truncated:
+            break
+    arrays = {key: np.asarray(values) for key, values in steps.items()}
+    for key in ("actions", "rewards", "states", "obs/state", "obs/robot_state"):
+        arrays[key] = arrays[key].astype(np.float32)
+    dones = np.zeros(len(arrays["actions"]), dtype=np.int64)
+    dones[-1] = 1
+    arrays["dones"] = dones
+    return arrays, success
+
+
+def collect_task(task: str, episodes: int, seed: int, camera: str | None, image_size: int,
+                 done_episodes: frozenset[int], emit: Callable) -> None:
+    """Roll out the expert on new goals of `task` until `episodes` successes; emit each kept one."""
+    warnings.filterwarnings("ignore", message="Constant")
+    try:
+        expert = scripted_expert(task)
+        env = MetaWorldEnv(task, camera=camera, image_size=image_size, seed=seed, episode=0)
+        kept, attempts, episode = len(done_episodes), 0, 0
+        max_episode = 3 * episodes + 20
+        while kept < episodes and episode < max_episode:
+            if episode not in done_episodes:
+                env.set_goal(goal_for_episode(task, seed, episode))
+                arrays, success = rollout_expert(env, expert)
+                attempts += 1
+                if success:
+                    kept += 1
+                    emit(("episode", task, episode, arrays))
+            episode += 1
+        env.close()
+        emit(("done", task, attempts, kept))
+    except Exception:  # reported to the parent, which stops the whole collection
+        emit(("error", task, traceback.format_exc()))
+
+
+def _queue_worker(args) -> None:
+    *task_args, queue = args
+    collect_task(*task_args, emit=queue.put)
+
+
+def collect(out: str, tasks: list[str], episodes_per_task: int, seed: int = 0, camera: str | None = None,
+            image_size: int = 64, workers: int = 1, mode: str = "create") -> CollectionReport:
+    """Collect `episodes_per_task` successful expert demos per task into `out`."""
+    env_args = {"env_name": "metaworld", "env_type": "metaworld",
+                "env_kwargs": {"tasks": tasks, "camera": camera, "image_size": image_size, "seed": seed}}
+    report = CollectionReport()
+    with DemoWriter(out, env_args, mode=mode) as writer:
+        done: dict[str, set[int]] = {task: set() for task in tasks}
+        for attrs in writer.existing_demo_attrs():
+            if attrs.get("task") in done and int(attrs.get("seed", -1)) == seed:
+                done[attrs["task"]].add(int(attrs["episode"]))
+        jobs = [(task, episodes_per_task, seed, camera, image_size, frozenset(done[task])) for task in tasks]
+        total = episodes_per_task * len(tasks)
+        columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns) as progress:
+            bar = progress.add_task("collect", total=total,
+                                    completed=sum(min(len(d), episodes_per_task) for d in done.values()))
+
+            def handle(message) -> None:
+                if message[0] == "episode":
+                    _, task, episode, arrays = message
+                    obs = {key[4:]: value for key, value in arrays.items() if key.startswith("obs/")}
+                    writer.add_demo(arrays["actions"], obs, arrays["rewards"], arrays["dones"],
+                                    states=arrays["states"], task=task, episode=episode, seed=seed,
+                                    instruction=canonical_instruction(task))
+                    progress.advance(bar)
+                elif message[0] == "done":
+                    _, task, attempts, kept = message
+                    report.attempts[task], report.kept[task] = attempts, kept
+                else:
+                    raise RuntimeError(f"collecting {message[1]} failed:\n{message[2]}")
+
+            if workers <= 1:
+                for job in jobs:
+                    collect_task(*job, emit=handle)
+            else:
+                context = mp.get_context("spawn")
+                with context.Manager() as manager, context.Pool(workers) as pool:
+                    queue = manager.Queue()
+                    result = pool.map_async(_queue_worker, [(*job, queue) for job in jobs])
+                    while len(report.kept) < len(tasks):
+                        message = queue.get()
+                        handle(message)
+                    result.get()
+    return report

@@ -1,0 +1,120 @@
+"""Meta-World v3 as gymnasium environments with dict observations, plus its benchmarks and experts.
+
+One place knows Meta-World's quirks: goals come from `MT1(task, seed)` (a seed's 50 goal variations
+per task), the 'corner' camera renders upside down, stepping past `max_path_length` raises, and
+`info["success"]` is a float.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gymnasium as gym
+import numpy as np
+
+from lcbc.errors import UserError
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("EGL_PLATFORM", "surfaceless")
+
+GOALS_PER_SEED = 50
+ROBOT_STATE_DIM = 4  # hand xyz and gripper opening: what a robot knows about itself
+FLIPPED_CAMERAS = {"corner", "corner2", "corner3", "corner4"}
+
+
+def benchmark_tasks(spec: str) -> list[str]:
+    """Task names for 'MT10', 'MT50' or a comma-separated list of task names."""
+    from metaworld import env_dict
+
+    if spec.upper() == "MT10":
+        return list(env_dict.MT10_V3.keys())
+    if spec.upper() == "MT50":
+        return list(env_dict.MT50_V3.keys())
+    tasks = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in tasks if name not in env_dict.ALL_V3_ENVIRONMENTS]
+    if unknown or not tasks:
+        raise UserError(f"--benchmark: unknown Meta-World task {unknown[0] if unknown else spec!r}; "
+                        "use MT10, MT50 or names like drawer-open-v3")
+    return tasks
+
+
+@functools.cache
+def goal_variations(task: str, seed: int) -> tuple:
+    """The 50 goal variations Meta-World generates for `task` with `seed` (cached: building is slow)."""
+    import metaworld
+
+    return tuple(metaworld.MT1(task, seed=seed).train_tasks)
+
+
+def goal_for_episode(task: str, seed: int, episode: int):
+    """Episode i uses goal i of the seed, then of seed+1, ... so every episode gets a new goal."""
+    return goal_variations(task, seed + episode // GOALS_PER_SEED)[episode % GOALS_PER_SEED]
+
+
+def scripted_expert(task: str):
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return ENV_POLICY_MAP[task]()
+
+
+class MetaWorldEnv(gym.Env):
+    """One Meta-World task with a fixed goal, observations as a dict.
+
+    Keys: `state` (the 39-d vector), `robot_state` (hand xyz and gripper) and, when a camera is
+    given, `<camera>_rgb` (image_size x image_size x 3 uint8, upright).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, task: str, goal=None, camera: str | None = None, image_size: int = 64,
+                 seed: int = 0, episode: int = 0):
+        from metaworld import env_dict
+
+        self.task = task
+        self.camera = camera
+        render = {"render_mode": "rgb_array", "camera_name": camera, "width": image_size,
+                  "height": image_size} if camera else {}
+        self._env = env_dict.ALL_V3_ENVIRONMENTS[task](**render)
+        self._env.set_task(goal if goal is not None else goal_for_episode(task, seed, episode))
+        self.max_episode_steps = self._env.max_path_length
+        self.action_space = self._env.action_space
+        spaces = {
+            "state": self._env.observation_space,
+            "robot_state": gym.spaces.Box(-np.inf, np.inf, (ROBOT_STATE_DIM,), np.float64),
+        }
+        if camera:
+            spaces[f"{camera}_rgb"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+
+    def set_goal(self, goal) -> None:
+        self._env.set_task(goal)
+
+    def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        obs = {"state": state, "robot_state": state[:ROBOT_STATE_DIM].copy()}
+        if self.camera:
+            obs[f"{self.camera}_rgb"] = self.render()
+        return obs
+
+    def render(self) -> np.ndarray:
+        image = self._env.render()
+        return np.ascontiguousarray(image[::-1]) if self.camera in FLIPPED_CAMERAS else image
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        state, info = self._env.reset()
+        return self._observation(state), info
+
+    def step(self, action):
+        state, reward, terminated, truncated, info = self._env.step(np.asarray(action, dtype=np.float64))
+        info = dict(info, success=bool(info.get("success", 0.0) > 0.5))
+        return self._observation(state), float(reward), terminated, truncated, info
+
+    def simulator_state(self) -> np.ndarray:
+        """qpos, qvel, mocap position and quaternion: enough to restore the scene exactly."""
+        data = self._env.data
+        return np.concatenate([data.qpos, data.qvel, data.mocap_pos.ravel(), data.mocap_quat.ravel()])
+
+    def close(self) -> None:
+        self._env.close()
+

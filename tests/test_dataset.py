@@ -1,0 +1,157 @@
+"""DemoDataset windows, pad masks, goal relabeling, vocabularies, splits and image reading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcbc.data.datamodule import DemoDataModule
+from lcbc.data.dataset import DemoDataset, split_demos
+from lcbc.errors import UserError
+from tests.conftest import write_demo_file
+
+
+def step_of(state_value):
+    """Synthetic files store t + 100 * demo in obs/state; returns (demo, t)."""
+    return int(state_value) // 100, int(state_value) % 100
+
+
+def test_history_and_chunk_padding_at_episode_edges(demo_file):
+    ds = DemoDataset(demo_file, history=3, action_chunk=4)
+    assert len(ds) == 16  # demos of 5, 8 and 3 steps
+    batch = ds.__getitems__([0, 1, 4, 5, 13, 15])
+    state = batch["obs"]["state"][..., 0]
+    # Step 0 of demo 0: history padded with the first frame, masked.
+    assert state[0].tolist() == [0, 0, 0] and batch["obs_mask"][0].tolist() == [False, False, True]
+    assert state[1].tolist() == [0, 0, 1] and batch["obs_mask"][1].tolist() == [False, True, True]
+    # Last step of demo 0: the action chunk is padded with the last action, masked.
+    assert batch["action_mask"][2].tolist() == [True, False, False, False]
+    assert torch.equal(batch["actions"][2, 1], batch["actions"][2, 0])
+    # First step of demo 1 never sees demo 0.
+    assert state[3].tolist() == [100, 100, 100] and batch["obs_mask"][3].tolist() == [False, False, True]
+    # Demo 2 (3 steps): its last step has a full history.
+    assert state[5].tolist() == [200, 201, 202] and batch["obs_mask"][5].all()
+    assert batch["action_mask"][4].tolist() == [True, True, True, False]
+
+
+def test_actions_match_file(demo_file):
+    import h5py
+
+    ds = DemoDataset(demo_file, action_chunk=2, clip_actions=None)
+    with h5py.File(demo_file) as f:
+        expected = f["data/demo_1/actions"][2:4]
+    np.testing.assert_allclose(ds.__getitems__([7])["actions"][0].numpy(), expected)
+
+
+@pytest.mark.parametrize("cap", [None, 1, 3])
+def test_future_goals_are_later_steps_of_the_same_demo_within_the_cap(demo_file, cap):
+    ds = DemoDataset(demo_file, goal="future", goal_max_distance=cap)
+    torch.manual_seed(0)
+    indices = np.repeat(np.arange(len(ds)), 50)
+    batch = ds.__getitems__(indices)
+    seen_offsets = set()
+    for current, goal in zip(batch["obs"]["state"][:, -1, 0], batch["goal"]["state"][:, 0]):
+        (demo, t), (goal_demo, goal_t) = step_of(current), step_of(goal)
+        last = ds.lengths[demo] - 1
+        assert goal_demo == demo
+        if t == last:
+            assert goal_t == t
+        else:
+            assert t < goal_t <= (last if cap is None else min(last, t + cap))
+            seen_offsets.add(goal_t - t)
+    assert seen_offsets == set(range(1, (7 if cap is None else cap) + 1))  # every allowed distance occurs
+
+
+def test_final_and_segment_end_goals(demo_file):
+    final = DemoDataset(demo_file, goal="final").__getitems__([0, 6])["goal"]["state"][:, 0]
+    assert final.tolist() == [4, 107]
+    segment = DemoDataset(demo_file, goal="segment_end", goal_max_distance=2).__getitems__([0, 3, 4])
+    assert segment["goal"]["state"][:, 0].tolist() == [2, 4, 4]
+
+
+def test_bad_window_arguments(demo_file):
+    with pytest.raises(UserError, match="history"):
+        DemoDataset(demo_file, history=0)
+    with pytest.raises(UserError, match="goal"):
+        DemoDataset(demo_file, goal="sometime")
+    with pytest.raises(UserError, match="obs/wrist"):
+        DemoDataset(demo_file, obs_keys=["wrist"])
+
+
+def test_task_and_instruction_ids(tmp_path):
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(3, 3, 3, 3), instructions=["open the drawer", "reach"],
+                           tasks=["drawer-open-v3", "reach-v3"])
+    ds = DemoDataset(path, train_paraphrases=2)
+    assert ds.tasks == ["drawer-open-v3", "reach-v3"]
+    assert len(ds.instructions) == 6  # two instructions, two paraphrases each
+    batch = ds.__getitems__(np.repeat([0, 3], 200))
+    assert batch["task_id"][:200].eq(0).all() and batch["task_id"][200:].eq(1).all()
+    first = {ds.instructions[i] for i in batch["instruction_id"][:200].tolist()}
+    assert "open the drawer" in first and len(first) == 3 and "reach" not in first
+
+
+def test_statistics_and_clipping(demo_file):
+    ds = DemoDataset(demo_file, clip_actions=0.5)
+    stats = ds.statistics()
+    assert set(stats) == {"actions", "state"}
+    assert max(stats["actions"]["max"]) <= 0.5 and min(stats["actions"]["min"]) >= -0.5
+    assert set(stats["state"]) == {"mean", "std", "min", "max", "q01", "q99"}
+
+
+def test_lazy_images_equal_cached_images(tmp_path):
+    path = write_demo_file(tmp_path / "img.hdf5", lengths=(6, 9, 4), image_size=8)
+    lazy = DemoDataset(path, history=3)
+    cached = DemoDataset(path, history=3, cache_images=True)
+    indices = np.random.default_rng(0).integers(0, len(lazy), 64)
+    a, b = lazy.__getitems__(indices), cached.__getitems__(indices)
+    assert a["obs"]["agentview_image"].shape == (64, 3, 8, 8, 3)
+    assert torch.equal(a["obs"]["agentview_image"], b["obs"]["agentview_image"])
+    # The pixel encodes (step, demo): the history window is the right frames.
+    pixel = a["obs"]["agentview_image"][:, -1, 0, 0, :2]
+    state = a["obs"]["state"][:, -1, 0]
+    assert torch.equal(pixel[:, 0].long(), (state % 100).long()) and torch.equal(pixel[:, 1].long(), state // 100)
+
+
+def test_robomimic_masks_and_split(robomimic_file):
+    train, valid = split_demos([str(robomimic_file)], 0.5, seed=0)
+    assert [d.name for d in train] == ["demo_0", "demo_1", "demo_2"] and [d.name for d in valid] == ["demo_3"]
+    ds = DemoDataset(robomimic_file, filter_key="valid")
+    assert len(ds) == 9
+    with pytest.raises(UserError, match="no instruction"):
+        ds.require_instructions()
+    assert DemoDataset(robomimic_file, instruction="lift the cube").demo_instruction_text[0] == "lift the cube"
+
+
+def test_episode_level_split_without_masks(tmp_path):
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(3,) * 20, instructions=["a"])
+    train, valid = split_demos([str(path)], 0.25, seed=1)
+    assert len(valid) == 5 and len(train) == 15 and not {d.name for d in train} & {d.name for d in valid}
+
+
+def test_datamodule_mixes_files_with_weights(tmp_path):
+    a = write_demo_file(tmp_path / "a.hdf5", lengths=(10,) * 4, instructions=["a"])
+    b = write_demo_file(tmp_path / "b.hdf5", lengths=(10,) * 4, instructions=["b"])
+    data = DemoDataModule([str(a), str(b)], weights=[0.9, 0.1], batch_size=500, val_fraction=0.0)
+    data.setup("fit")
+    torch.manual_seed(0)
+    batch = next(iter(data.train_dataloader()))
+    from_a = (batch["instruction_id"] == data.train_set.instructions.index("a")).float().mean()
+    assert 0.8 < from_a < 0.97
+
+
+def test_validation_ids_agree_with_training(tmp_path):
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(3,) * 10, instructions=["x", "y", "z"],
+                           tasks=["t1", "t2", "t3"])
+    data = DemoDataModule(str(path), val_fraction=0.3, batch_size=4)
+    data.setup("fit")
+    train, valid = data.train_set, data.valid_set
+    assert train.instructions[: len(valid.instructions)] == valid.instructions
+    assert train.tasks[: len(valid.tasks)] == valid.tasks
+
+
+def test_dataloader_workers(demo_file):
+    data = DemoDataModule(str(demo_file), batch_size=4, num_workers=2, val_fraction=0.0)
+    data.setup("fit")
+    seen = sum(len(batch["actions"]) for batch in data.train_dataloader())
+    assert seen == 16
