@@ -35,9 +35,12 @@ def open_demo_file(path: str | os.PathLike) -> h5py.File:
         raise UserError(f"{path}: unreadable HDF5 file (truncated or corrupt?): {error}") from None
 
 
+INCOMPLETE = "_incomplete"  # a demo being written; renamed to demo_N once complete
+
+
 def demo_names(file: h5py.File) -> list[str]:
     """Demo group names under `data/`, in numeric order (demo_2 before demo_10)."""
-    names = [name for name in file["data"].keys() if isinstance(file["data"].get(name), h5py.Group)]
+    names = [name for name in file["data"] if name != INCOMPLETE and isinstance(file["data"].get(name), h5py.Group)]
     return sorted(names, key=lambda name: (0, int(m.group(1)), "") if (m := DEMO_PATTERN.match(name))
                   else (1, 0, name))
 
@@ -213,6 +216,8 @@ class DemoWriter:
             raise UserError(f"{self.path}: exists; pass --overwrite to replace it or --resume to extend it")
         if mode == "append" and self.path.exists():
             self.file = h5py.File(self.path, "a")
+            if INCOMPLETE in self.file["data"]:  # left by a killed collection
+                del self.file["data"][INCOMPLETE]
             self.next_index = 1 + max((int(m.group(1)) for name in self.file["data"]
                                        if (m := DEMO_PATTERN.match(name))), default=-1)
         else:
@@ -225,16 +230,16 @@ class DemoWriter:
 
     def _update_total(self) -> None:
         data = self.file["data"]
-        data.attrs["total"] = int(sum(data[name]["actions"].shape[0] for name in data))
+        data.attrs["total"] = int(sum(data[name]["actions"].shape[0] for name in demo_names(self.file)))
 
     def existing_demo_attrs(self) -> list[dict]:
         """Attributes of the demos already in the file (used to resume a collection)."""
-        return [dict(group.attrs) for group in self.file["data"].values()]
+        return [dict(self.file["data"][name].attrs) for name in demo_names(self.file)]
 
     def add_demo(self, actions: np.ndarray, obs: dict[str, np.ndarray], rewards: np.ndarray,
                  dones: np.ndarray, states: np.ndarray | None = None, **attrs) -> str:
         name = f"demo_{self.next_index}"
-        group = self.file["data"].create_group(name)
+        group = self.file["data"].create_group(INCOMPLETE)
         group.create_dataset("actions", data=actions)
         group.create_dataset("rewards", data=rewards)
         group.create_dataset("dones", data=dones)
@@ -246,8 +251,9 @@ class DemoWriter:
         group.attrs["num_samples"] = len(actions)
         for key, value in attrs.items():
             group.attrs[key] = value
-        self.next_index += 1
         data = self.file["data"]
+        data.move(INCOMPLETE, name)
+        self.next_index += 1
         data.attrs["total"] = int(data.attrs["total"]) + len(actions)
         self.file.flush()
         return name

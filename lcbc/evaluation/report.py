@@ -1,0 +1,101 @@
+"""What a person looks at after an evaluation: a success table (markdown and JSON), a bar chart, videos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
+
+
+def success_table(tasks: list[str], policy, expert=None) -> dict:
+    """Per-task (and per-phrasing) success of the policy, with the expert's on the same goals."""
+    rows = {}
+    for task in tasks:
+        phrasings = {text: float(np.mean(values)) for (t, text), values in policy.successes.items() if t == task}
+        rows[task] = {"success": policy.success_rate(task), "episodes": sum(
+            len(values) for (t, _), values in policy.successes.items() if t == task), "phrasings": phrasings}
+        if expert is not None:
+            rows[task]["expert"] = expert.success_rate(task)
+    table = {"tasks": rows, "mean": float(np.mean([row["success"] for row in rows.values()])),
+             "env_steps": policy.steps, "seconds": round(policy.seconds, 2),
+             "steps_per_second": round(policy.steps / max(policy.seconds, 1e-9), 1)}
+    if expert is not None:
+        table["expert_mean"] = float(np.mean([row["expert"] for row in rows.values()]))
+    return table
+
+
+def markdown(table: dict) -> str:
+    with_expert = "expert_mean" in table
+    lines = ["| task | success | expert |" if with_expert else "| task | success |",
+             "|---|---:|---:|" if with_expert else "|---|---:|"]
+    for task, row in table["tasks"].items():
+        cells = [task, f"{100 * row['success']:.1f}%"] + ([f"{100 * row['expert']:.1f}%"] if with_expert else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = ["**mean**", f"**{100 * table['mean']:.1f}%**"]
+    if with_expert:
+        mean.append(f"**{100 * table['expert_mean']:.1f}%**")
+    lines.append("| " + " | ".join(mean) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(table["tasks"])
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tasks)), 4))
+    policy = [100 * table["tasks"][t]["success"] for t in tasks]
+    if "expert_mean" in table:
+        ax.bar(x - 0.2, policy, 0.4, label=f"policy (mean {100 * table['mean']:.1f}%)")
+        ax.bar(x + 0.2, [100 * table["tasks"][t]["expert"] for t in tasks], 0.4, color="lightgray",
+               label=f"scripted expert (mean {100 * table['expert_mean']:.1f}%)")
+        ax.legend(loc="lower left")
+    else:
+        ax.bar(x, policy, 0.6)
+    ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=45, ha="right")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("success per task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def record_video(actor, task: str, instruction: str, path: Path, seed: int, episode: int = 0,
+                 camera: str = "corner", size: int = 128) -> bool:
+    """One episode rendered from `camera` into a GIF; returns whether it succeeded."""
+    import imageio.v2 as imageio
+
+    from lcbc.evaluation.rollout import Job
+
+    env = MetaWorldEnv(task, camera=camera, image_size=size, seed=seed, episode=episode)
+    env.set_goal(goal_for_episode(task, seed, episode))
+    obs, _ = env.reset()
+    actor.reset(np.ones(1, dtype=bool))
+    frames, success = [obs[f"{camera}_rgb"]], False
+    job = Job(task, instruction, episode)
+    for _ in range(env.max_episode_steps):
+        action = actor({key: value[None] for key, value in obs.items()}, [job])[0]
+        obs, _, _, truncated, info = env.step(action)
+        frames.append(obs[f"{camera}_rgb"])
+        if info["success"] or truncated:
+            success = bool(info["success"])
+            break
+    frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible
+    env.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(path, frames[::2], duration=0.08, loop=0)
+    return success
+
+
+def write_report(table: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "success.json").write_text(json.dumps(table, indent=2))
+    (out_dir / "success.md").write_text(markdown(table))
+    bar_chart(table, out_dir / "success.png")

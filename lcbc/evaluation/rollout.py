@@ -1,0 +1,136 @@
+"""Roll policies out in Meta-World and measure success per task (and per phrasing).
+
+Many environments are stepped together with one batched policy call per step: every task gets
+`envs_per_task` environments, each runs its share of the evaluation goals one after another, and
+a finished environment takes the next goal of its task while the others keep going. Success is
+Meta-World's own `info["success"]` at any step; the horizon is Meta-World's `max_path_length`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lcbc.envs.instructions import canonical_instruction
+from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
+
+EVAL_SEED = 1  # training demonstrations come from seed 0's goals; evaluation uses another seed's
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    instruction: str
+    episode: int
+
+
+@dataclass
+class EvalResult:
+    successes: dict[tuple[str, str], list[bool]] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def success_rate(self, task: str, instruction: str | None = None) -> float:
+        runs = [s for (t, i), values in self.successes.items() if t == task and instruction in (None, i)
+                for s in values]
+        return float(np.mean(runs)) if runs else float("nan")
+
+
+class PolicyActor:
+    """Adapts a LanguagePolicy to the rollout loop: language, one-hot or goal conditioning."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def reset(self, done: np.ndarray) -> None:
+        self.policy.reset_envs(done)
+
+    def __call__(self, observations: dict, jobs: list[Job]) -> np.ndarray:
+        mode = self.policy.config["task_mode"]
+        if mode == "language":
+            return self.policy.act_batch(observations, instructions=[job.instruction for job in jobs])
+        if mode == "onehot":
+            ids = [self.policy.task_encoder.task_index(job.task) for job in jobs]
+            return self.policy.act_batch(observations, task_ids=ids)
+        raise ValueError("goal-conditioned policies need goal observations; Meta-World rollouts give tasks")
+
+
+class ExpertActor:
+    """Meta-World's scripted expert for each environment's task: the reference beside every policy."""
+
+    def __init__(self):
+        self.experts: dict[str, object] = {}
+
+    def reset(self, done: np.ndarray) -> None:
+        pass
+
+    def __call__(self, observations: dict, jobs: list[Job]) -> np.ndarray:
+        actions = []
+        for state, job in zip(observations["state"], jobs):
+            if job.task not in self.experts:
+                self.experts[job.task] = scripted_expert(job.task)
+            actions.append(np.clip(self.experts[job.task].get_action(state), -1, 1))
+        return np.asarray(actions)
+
+
+def rollout(actor, tasks: list[str], episodes: int, instructions: dict[str, list[str]] | None = None,
+            seed: int = EVAL_SEED, envs_per_task: int = 10, camera: str | None = None, image_size: int = 64,
+            progress: bool = True) -> EvalResult:
+    """Run `episodes` goals of `seed` per task (and per phrasing when `instructions` is given);
+    `camera` renders images for pixel policies."""
+    warnings.filterwarnings("ignore", message="Constant")
+    phrasings = {task: (instructions or {}).get(task) or [canonical_instruction(task)] for task in tasks}
+    queues = {task: [Job(task, text, e) for text in phrasings[task] for e in range(episodes)] for task in tasks}
+    total = sum(len(queue) for queue in queues.values())
+    slots = [(MetaWorldEnv(task, camera=camera, image_size=image_size, seed=seed), task)
+             for task in tasks for _ in range(min(envs_per_task, len(queues[task])))]
+    result = EvalResult()
+    jobs: list[Job | None] = [None] * len(slots)
+    observations: list[dict | None] = [None] * len(slots)
+
+    def start_next(i: int) -> None:
+        env, task = slots[i]
+        jobs[i] = queues[task].pop(0) if queues[task] else None
+        if jobs[i] is not None:
+            env.set_goal(goal_for_episode(task, seed, jobs[i].episode))
+            observations[i], _ = env.reset()
+
+    for i in range(len(slots)):
+        start_next(i)
+    steps_taken = np.zeros(len(slots), dtype=int)
+    started = time.perf_counter()
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        progress_task = bar.add_task("eval", total=total)
+        actor.reset(np.ones(len(slots), dtype=bool))
+        while any(job is not None for job in jobs):
+            # Every slot is in the batch (finished ones with their last observation) so the policy's
+            # history rows stay aligned with the environments; only active slots are stepped.
+            batch = {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
+            actions = actor(batch, [job or Job(task, canonical_instruction(task), -1)
+                                    for job, (_, task) in zip(jobs, slots)])
+            finished = np.zeros(len(slots), dtype=bool)
+            for i, job in enumerate(jobs):
+                if job is None:
+                    continue
+                env = slots[i][0]
+                observations[i], _, terminated, truncated, info = env.step(actions[i])
+                steps_taken[i] += 1
+                result.steps += 1
+                if info["success"] or terminated or truncated or steps_taken[i] >= env.max_episode_steps:
+                    result.successes.setdefault((job.task, job.instruction), []).append(bool(info["success"]))
+                    finished[i] = True
+                    steps_taken[i] = 0
+                    bar.advance(progress_task)
+            if finished.any():
+                actor.reset(finished)
+                for i in np.flatnonzero(finished):
+                    start_next(i)
+    result.seconds = time.perf_counter() - started
+    for env, _ in slots:
+        env.close()
+    return result

@@ -1,0 +1,202 @@
+"""LanguagePolicy: the RT-1 network plus everything needed to act in environment units.
+
+It owns the normalization statistics, the task encoder (with its cached instruction embeddings) and
+the action tokenizer, so `act(observation, "open the drawer")` takes raw observations and returns a
+raw action. Saved as a folder (`model.safetensors`, `config.json`, `normalization.json`) that loads
+with no pickle and no training code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lcbc.errors import UserError
+from lcbc.policies.rt1 import RT1, ActionTokenizer, RT1Config
+from lcbc.tasks.encoders import DEFAULT_TEXT_MODEL, TaskEncoder
+
+STD_FLOOR = 1e-2  # Meta-World pads unused object dimensions with constants: their std is 0
+
+
+class Normalizer(nn.Module):
+    """(x - mean) / max(std, floor) per low-dimensional key; a key without statistics is an error."""
+
+    def __init__(self, stats: dict[str, dict[str, list[float]]], keys: list[str]):
+        super().__init__()
+        missing = [key for key in keys if key not in stats]
+        if missing:
+            raise UserError(f"normalization statistics have no key {missing[0]!r} (have {', '.join(stats)})")
+        self.keys = list(keys)
+        for key in keys:
+            self.register_buffer(f"mean_{key}", torch.tensor(stats[key]["mean"], dtype=torch.float32))
+            std = torch.tensor(stats[key]["std"], dtype=torch.float32).clamp_min(STD_FLOOR)
+            self.register_buffer(f"std_{key}", std)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the normalized keys, in a fixed order, along the last dimension."""
+        return torch.cat([(obs[key].float() - getattr(self, f"mean_{key}")) / getattr(self, f"std_{key}")
+                          for key in self.keys], dim=-1)
+
+
+class LanguagePolicy(nn.Module):
+    """RT-1 conditioned on a task vector from language, a one-hot task id or a goal.
+
+    Interface: `reset()`, `act(obs, instruction)` for one environment, `act_batch(obs, instructions)`
+    for many, and `forward(batch) -> (loss, metrics)` for training.
+    """
+
+    def __init__(self, rt1: RT1Config | dict, stats: dict, low_dim_keys: list[str], image_keys: list[str],
+                 instructions: list[str], tasks: list[str], task_mode: str = "language",
+                 goal_keys: list[str] | None = None, text_model: str = DEFAULT_TEXT_MODEL):
+        super().__init__()
+        rt1 = RT1Config.from_dict(rt1) if isinstance(rt1, dict) else rt1
+        self.config = {"rt1": rt1.to_dict(), "low_dim_keys": list(low_dim_keys), "image_keys": list(image_keys),
+                       "instructions": list(instructions), "tasks": list(tasks), "task_mode": task_mode,
+                       "goal_keys": list(goal_keys or []), "text_model": text_model}
+        self.stats = stats
+        self.normalizer = Normalizer(stats, list(low_dim_keys))
+        self.goal_normalizer = Normalizer(stats, list(goal_keys or [])) if task_mode == "goal" else None
+        goal_dim = sum(len(stats[key]["mean"]) for key in goal_keys or [])
+        self.task_encoder = TaskEncoder(task_mode, instructions, tasks, goal_dim=goal_dim, text_model=text_model)
+        state_dim = sum(len(stats[key]["mean"]) for key in low_dim_keys)
+        rt1 = RT1Config.from_dict({**rt1.to_dict(), "state_dim": state_dim, "image_keys": tuple(image_keys),
+                                   "task_dim": self.task_encoder.dim, "action_dim": len(stats["actions"]["min"])})
+        self.config["rt1"] = rt1.to_dict()
+        self.net = RT1(rt1)
+        self.action_tokenizer = ActionTokenizer(torch.tensor(stats["actions"]["min"]),
+                                                torch.tensor(stats["actions"]["max"]), rt1.num_bins)
+        self._history: dict[str, torch.Tensor] | None = None
+
+    @property
+    def rt1_config(self) -> RT1Config:
+        return self.net.config
+
+    # ---- the network on batches ----------------------------------------------------------------
+
+    def task_vector(self, batch: dict) -> torch.Tensor:
+        goal = self.goal_normalizer(batch["goal"]) if self.goal_normalizer is not None else None
+        return self.task_encoder(instruction_id=batch.get("instruction_id"), task_id=batch.get("task_id"),
+                                 goal=goal, instruction_vectors=batch.get("instruction_vectors"))
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        obs = batch["obs"]
+        state = self.normalizer(obs) if self.normalizer.keys else None
+        images = {key: obs[key] for key in self.config["image_keys"]} or None
+        return self.net(self.task_vector(batch), batch["obs_mask"], state=state, images=images)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Behavior-cloning loss: cross-entropy of the demonstrated actions' bins."""
+        logits = self.logits(batch)
+        targets = self.action_tokenizer.tokenize(batch["actions"])
+        loss = RT1.loss(logits, targets, batch["action_mask"])
+        with torch.no_grad():
+            mask = batch["action_mask"][..., None].expand_as(targets)
+            accuracy = ((logits.argmax(-1) == targets) & mask).sum() / mask.sum().clamp_min(1)
+            error = (self.action_tokenizer.detokenize(logits.argmax(-1)) - batch["actions"]).abs()
+            action_error = (error * mask).sum() / mask.sum().clamp_min(1)
+        return loss, {"token_accuracy": accuracy, "action_l1": action_error}
+
+    @torch.inference_mode()
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Most likely action chunk in environment units, (B, K, A)."""
+        return self.action_tokenizer.detokenize(self.logits(batch).argmax(-1))
+
+    # ---- acting in environments ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the observation history: call at the start of every episode."""
+        self._history = None
+
+    def reset_envs(self, done: np.ndarray) -> None:
+        """Forget the history of the environments whose episodes ended (vectorized rollouts)."""
+        if self._history is not None:
+            self._history["mask"][torch.as_tensor(done, dtype=torch.bool)] = False
+
+    def _push_history(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Append this step's observation; new episodes pad their history with their first frame."""
+        H = self.rt1_config.history
+        if self._history is None or len(self._history["mask"]) != len(next(iter(obs.values()))):
+            n = len(next(iter(obs.values())))
+            self._history = {key: value[:, None].repeat_interleave(H, 1) for key, value in obs.items()}
+            self._history["mask"] = torch.zeros(n, H, dtype=torch.bool)
+        new = ~self._history["mask"][:, -1]
+        for key, value in obs.items():
+            window = self._history[key]
+            window[:, :-1] = window[:, 1:].clone()
+            window[:, -1] = value
+            window[new] = value[new, None]
+        mask = self._history["mask"]
+        mask[:, :-1] = mask[:, 1:].clone()
+        mask[:, -1] = True
+        return self._history
+
+    def _observation_tensors(self, observations: dict) -> dict[str, torch.Tensor]:
+        keys = self.config["low_dim_keys"] + self.config["image_keys"]
+        missing = [key for key in keys if key not in observations]
+        if missing:
+            raise UserError(f"observation has no key {missing[0]!r} (the policy needs {', '.join(keys)})")
+        tensors = {}
+        for key in keys:
+            value = torch.as_tensor(np.asarray(observations[key]))
+            tensors[key] = value if key in self.config["image_keys"] else value.float()
+        return tensors
+
+    @torch.inference_mode()
+    def act_batch(self, observations: dict, instructions: list[str] | None = None,
+                  task_ids: list[int] | None = None, goals: dict | None = None) -> np.ndarray:
+        """One action per environment: observations {key: (N, ...)}, one instruction (or task id or
+        goal) per environment -> (N, A). Keeps each environment's history until `reset`."""
+        history = self._push_history(self._observation_tensors(observations))
+        batch = {"obs": {k: v for k, v in history.items() if k != "mask"}, "obs_mask": history["mask"]}
+        mode = self.config["task_mode"]
+        if mode == "language":
+            if instructions is None:
+                raise UserError("this policy is language-conditioned: give an instruction")
+            batch["instruction_vectors"] = torch.stack([self.task_encoder.instruction_vector(text)
+                                                        for text in instructions])
+        elif mode == "onehot":
+            if task_ids is None:
+                raise UserError("this policy is conditioned on task ids: give a task id")
+            batch["task_id"] = torch.as_tensor(task_ids)
+        else:
+            if goals is None:
+                raise UserError("this policy is goal-conditioned: give a goal observation")
+            batch["goal"] = {key: torch.as_tensor(np.asarray(goals[key])).float() for key in self.config["goal_keys"]}
+        return self.predict(batch)[:, 0].numpy()
+
+    def act(self, observation: dict, instruction: str | None = None, task_id: int | None = None,
+            goal: dict | None = None) -> np.ndarray:
+        """One action for one environment, in the environment's units."""
+        batched = {key: np.asarray(value)[None] for key, value in observation.items()}
+        goals = {key: np.asarray(value)[None] for key, value in goal.items()} if goal is not None else None
+        return self.act_batch(batched, None if instruction is None else [instruction],
+                              None if task_id is None else [task_id], goals)[0]
+
+    # ---- saving and loading -------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {key: value.contiguous() for key, value in self.state_dict().items()}
+        save_file(state, directory / "model.safetensors")
+        (directory / "config.json").write_text(json.dumps(self.config, indent=2))
+        (directory / "normalization.json").write_text(json.dumps(self.stats, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> LanguagePolicy:
+        directory = Path(directory)
+        for name in ("config.json", "normalization.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise UserError(f"{directory}: not an exported policy (no {name})")
+        config = json.loads((directory / "config.json").read_text())
+        stats = json.loads((directory / "normalization.json").read_text())
+        policy = cls(config["rt1"], stats, config["low_dim_keys"], config["image_keys"], config["instructions"],
+                     config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"])
+        policy.load_state_dict(load_file(directory / "model.safetensors"))
+        return policy.eval()

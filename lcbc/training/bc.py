@@ -1,0 +1,149 @@
+"""Behavior cloning of a LanguagePolicy as a LightningModule.
+
+The network is built in `setup()` from what the DataModule found in the data (observation keys,
+normalization statistics, instruction vocabulary), embeds the instructions once with the frozen text
+model, and stores all of that in every checkpoint so a checkpoint alone rebuilds the policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lcbc.errors import UserError
+from lcbc.policies.language_policy import LanguagePolicy
+from lcbc.policies.rt1 import RT1Config
+from lcbc.tasks.encoders import DEFAULT_TEXT_MODEL
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BehaviorCloning(L.LightningModule):
+    """Args:
+        preset: RT-1 size preset ("rt1-tiny" or "rt1"); `rt1` overrides any of its fields.
+        history, action_chunk: window sizes; `lcbc fit` passes them on to the DataModule.
+        task_mode: "language" (frozen text embeddings), "onehot" (task id) or "goal" (hindsight goals).
+        goal_keys: observation keys the goal encoder reads (task_mode "goal").
+        ema_decay: keep an exponential moving average of the weights for validation and export.
+    """
+
+    def __init__(self, preset: str = "rt1-tiny", rt1: dict | None = None, history: int = 6,
+                 action_chunk: int = 1, task_mode: str = "language", goal_keys: list[str] | None = None,
+                 text_model: str = DEFAULT_TEXT_MODEL, lr: float = 3e-4, weight_decay: float = 0.01,
+                 warmup_steps: int = 200, ema_decay: float | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.rt1_config = RT1Config.preset(preset, **(rt1 or {}), history=history, action_chunk=action_chunk)
+        self.policy: LanguagePolicy | None = None
+        self.ema: AveragedModel | None = None
+
+    # ---- building the policy from the data ---------------------------------------------------
+
+    def _build(self, spec: dict) -> None:
+        self.policy = LanguagePolicy(self.rt1_config, spec["stats"], spec["low_dim_keys"], spec["image_keys"],
+                                     spec["instructions"], spec["tasks"], self.hparams.task_mode,
+                                     self.hparams.goal_keys, self.hparams.text_model)
+        if self.hparams.ema_decay:
+            self.ema = AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay),
+                                     use_buffers=True)
+
+    def setup(self, stage: str) -> None:
+        if self.policy is not None:
+            return
+        data = self.trainer.datamodule
+        if data is None:
+            raise UserError("behavior cloning needs a DemoDataModule (the `data:` section of the config)")
+        data.setup(stage)
+        dataset = data.train_set
+        if self.hparams.task_mode == "language":
+            dataset.require_instructions()
+        if self.hparams.task_mode == "goal" and data.hparams.goal == "none":
+            raise UserError("model.task_mode is 'goal' but data.goal is 'none': choose future, segment_end or final")
+        spec = {"stats": dataset.statistics(), "low_dim_keys": list(dataset.low_dim),
+                "image_keys": list(dataset.image_shapes), "instructions": dataset.instructions,
+                "tasks": dataset.tasks}
+        self._build(spec)
+        self.policy.task_encoder.embed_vocabulary()
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.policy.state_dict())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        p = self.policy
+        checkpoint["lcbc_policy"] = {"stats": p.stats, "low_dim_keys": p.config["low_dim_keys"],
+                                     "image_keys": p.config["image_keys"],
+                                     "instructions": p.config["instructions"], "tasks": p.config["tasks"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.policy is None:
+            self._build(checkpoint["lcbc_policy"])
+
+    def export_policy(self) -> LanguagePolicy:
+        """The policy to deploy: the moving average of the weights when one is kept."""
+        return (self.ema.module if self.ema is not None else self.policy).eval()
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.policy(batch)
+        size = len(batch["actions"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.policy)
+
+    def _evaluate(self, batch: dict, prefix: str) -> None:
+        policy = self.ema.module if self.ema is not None else self.policy
+        loss, metrics = policy(batch)
+        size = len(batch["actions"])
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=size, sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.policy.named_parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 and "pos" not in name else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def export_checkpoint(checkpoint_path: str, out_dir: str):
+    """Lightning checkpoint -> exported policy folder (safetensors + JSON, loadable without pickle)."""
+    import inspect
+    from pathlib import Path
+
+    if not Path(checkpoint_path).is_file():
+        raise UserError(f"{checkpoint_path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable or foreign file
+        raise UserError(f"{checkpoint_path}: not a readable checkpoint ({type(error).__name__})") from None
+    if "lcbc_policy" not in checkpoint:
+        raise UserError(f"{checkpoint_path}: not an lcbc behavior-cloning checkpoint (no lcbc_policy)")
+    accepted = inspect.signature(BehaviorCloning.__init__).parameters
+    module = BehaviorCloning(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.export_policy().save_pretrained(out_dir)

@@ -1,0 +1,130 @@
+"""Behavior cloning with Lightning: configs, overfitting, export, resume and DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lcbc.cli import main
+from lcbc.data.datamodule import DemoDataModule
+from lcbc.data.hdf5 import DemoWriter
+from lcbc.policies.language_policy import LanguagePolicy
+from lcbc.training.bc import BehaviorCloning
+from lcbc.training.cli import LcbcCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    """Two instructions whose demos act oppositely from the same states: the policy must read the
+    instruction to lower its loss."""
+    path = tmp_path / "tasks.hdf5"
+    with DemoWriter(path, {"env_name": "synthetic", "env_type": 0, "env_kwargs": {}}) as writer:
+        for demo in range(6):
+            sign = 1 if demo % 2 == 0 else -1
+            phase = np.linspace(0, 1, 12, dtype=np.float32)
+            actions = sign * np.stack([phase - 0.5, 0.5 - phase, 0.5 * phase], axis=1)
+            obs = {"state": np.repeat(phase[:, None], 4, axis=1) + 0.01 * (demo // 2)}
+            writer.add_demo(actions, obs, np.zeros(12), np.eye(1, 12, 11)[0].astype(int),
+                            instruction=["open the drawer", "close the drawer"][demo % 2],
+                            task=["drawer-open-v3", "drawer-close-v3"][demo % 2])
+    return path
+
+
+def _trainer(tmp_path, steps, **kwargs):
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_instantiates(config, task_file):
+    args = ["--config", str(ROOT / "configs" / config), "--data.paths", f"[{task_file}]"]
+    cli = LcbcCLI(BehaviorCloning, DemoDataModule, args=args, run=False)
+    assert isinstance(cli.model, BehaviorCloning) and isinstance(cli.datamodule, DemoDataModule)
+    assert cli.datamodule.hparams.history == cli.model.hparams.history  # the policy sets the window
+
+
+def test_policy_overfits_and_export_gives_identical_actions(task_file, tmp_path):
+    L.seed_everything(0)
+    model = BehaviorCloning(history=2, lr=3e-3, warmup_steps=10, rt1={"dropout": 0.0})
+    data = DemoDataModule(str(task_file), history=2, batch_size=72, val_fraction=0.0)
+    trainer = _trainer(tmp_path, 150)
+    trainer.fit(model, data)
+    batch = data.train_set.__getitems__(np.arange(len(data.train_set)))
+    model.policy.eval()
+    with torch.no_grad():
+        final, _ = model.policy(batch)
+    assert final < 0.2 * np.log(256), f"loss {final:.3f} did not fall well below its start {np.log(256):.3f}"
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "policy")])
+    loaded = LanguagePolicy.from_pretrained(tmp_path / "policy")
+    for policy in (model.policy, loaded):
+        policy.eval().reset()
+    obs = {"state": np.full(4, 0.5, np.float32)}
+    for instruction in ("open the drawer", "close the drawer"):
+        model.policy.reset()
+        loaded.reset()
+        for _ in range(3):
+            np.testing.assert_array_equal(model.policy.act(obs, instruction), loaded.act(obs, instruction))
+    # The two instructions lead to different actions: the policy reads the language.
+    loaded.reset()
+    opening = loaded.act(obs, "open the drawer")
+    loaded.reset()
+    assert not np.array_equal(opening, loaded.act(obs, "close the drawer"))
+
+
+def test_resume_continues_from_the_saved_step(task_file, tmp_path):
+    data = DemoDataModule(str(task_file), history=2, batch_size=16, val_fraction=0.0)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=5)
+    L.seed_everything(0)
+    _trainer(tmp_path, 5, callbacks=[checkpoint]).fit(BehaviorCloning(history=2), data)
+    resumed = BehaviorCloning(history=2)
+    trainer = _trainer(tmp_path, 8)
+    seen = []
+    resumed.on_train_batch_start = lambda batch, i: seen.append(trainer.global_step)
+    trainer.fit(resumed, DemoDataModule(str(task_file), history=2, batch_size=16, val_fraction=0.0),
+                ckpt_path=str(tmp_path / "last.ckpt"))
+    assert seen == [5, 6, 7] and trainer.global_step == 8
+
+
+def test_training_is_deterministic_with_a_seed(task_file, tmp_path):
+    weights = []
+    for run in range(2):
+        L.seed_everything(7)
+        model = BehaviorCloning(history=2)
+        _trainer(tmp_path / str(run), 5).fit(model, DemoDataModule(str(task_file), history=2, batch_size=16))
+        weights.append(torch.cat([p.flatten() for p in model.policy.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_goal_and_onehot_conditioning_train(tmp_path, task_file):
+    for mode, goal in (("onehot", "none"), ("goal", "future")):
+        model = BehaviorCloning(history=1, task_mode=mode, goal_keys=["state"] if mode == "goal" else None)
+        data = DemoDataModule(str(task_file), history=1, goal=goal, batch_size=16, val_fraction=0.0)
+        _trainer(tmp_path / mode, 3).fit(model, data)
+        model.policy.eval().reset()
+        obs = {"state": np.zeros(4, np.float32)}
+        action = model.policy.act(obs, task_id=1) if mode == "onehot" else model.policy.act(obs, goal=obs)
+        assert action.shape == (3,)
+
+
+def test_ddp_with_two_cpu_processes(task_file, tmp_path):
+    """Lightning's DDP strategy on the gloo backend, through the real command line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "lcbc.cli", "fit", "--config", str(ROOT / "configs/debug.yaml"),
+         "--data.paths", f"[{task_file}]", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+         "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert "All distributed processes registered" in result.stderr + result.stdout
