@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,14 +134,6 @@ def training_throughput(data: str, steps: int, batch_size: int, repeats: int) ->
                 ", ".join(f"{x:.0f}" for x in light), lt / b, 100 * (1 - lt / b))
 
 
-def replace_section(path: Path, title: str, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n{body}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="datasets/mt10_state.hdf5")
@@ -156,10 +148,10 @@ def main() -> None:
              f"--data {args.data}{' --policy ' + args.policy if args.policy else ''}`.\n\n")
     latency = stamp + act_latency(args.policy, args.data, args.calls)
     print(latency)
-    replace_section(Path(args.out), "act() latency", latency)
+    write_section(Path(args.out), "## act() latency\n\n" + latency)
     overhead = stamp + training_throughput(args.data, args.steps, args.batch_size, args.repeats)
     print(overhead)
-    replace_section(Path(args.out), "Lightning overhead", overhead)
+    write_section(Path(args.out), "## Lightning overhead\n\n" + overhead)
 
 
 if __name__ == "__main__":

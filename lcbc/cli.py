@@ -88,6 +88,7 @@ def _policy_camera(policy) -> tuple[str | None, int]:
 def cmd_eval(args) -> None:
     from pathlib import Path
 
+    from lcbc.envs.instructions import canonical_instruction
     from lcbc.envs.metaworld import benchmark_tasks
     from lcbc.evaluation.report import markdown, record_video, success_table, write_report
     from lcbc.evaluation.rollout import ExpertActor, PolicyActor, rollout
@@ -115,8 +116,6 @@ def cmd_eval(args) -> None:
     videos = []
     for task in tasks:
         for episode in range(args.videos):
-            from lcbc.envs.instructions import canonical_instruction
-
             path = out / "videos" / f"{task}_{episode}.gif"
             record_video(actor, task, canonical_instruction(task), path, args.seed, episode, camera or "corner",
                          size if camera else 128)
@@ -191,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--seed", type=int, default=1)
     act.add_argument("--episode", type=int, default=0, help="which goal variation of the seed")
     act.set_defaults(run=cmd_act)
+
+    from lcbc.serving.server import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 

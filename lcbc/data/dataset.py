@@ -81,6 +81,7 @@ class DemoDataset(torch.utils.data.Dataset):
         if not self.demos:
             raise UserError(f"{', '.join(self.paths)}: no demos selected")
         self._files: dict[int, object] = {}
+        self._image_datasets: dict[tuple[int, str], object] = {}
         self._files_pid = self._rng_pid = None
         self._rng = None
         self.tasks, self.instructions = list(tasks or []), list(instructions or [])
@@ -218,9 +219,10 @@ class DemoDataset(torch.utils.data.Dataset):
         return result
 
     def _gather_obs(self, steps: np.ndarray) -> dict[str, np.ndarray]:
-        obs = {key: values[steps] for key, values in self.low_dim.items()}
+        obs = {key: np.take(values, steps, axis=0) for key, values in self.low_dim.items()}
         for key in self.image_shapes:
-            obs[key] = self._image_cache[key][steps] if self.cache_images else self._read_images(key, steps)
+            obs[key] = (np.take(self._image_cache[key], steps, axis=0) if self.cache_images
+                        else self._read_images(key, steps))
         return obs
 
     def __getitems__(self, indices) -> dict:
@@ -235,7 +237,7 @@ class DemoDataset(torch.utils.data.Dataset):
         batch = {
             "obs": self._gather_obs(windows["history"]),
             "obs_mask": windows["obs_mask"],
-            "actions": self.actions[windows["chunk"]],
+            "actions": np.take(self.actions, windows["chunk"], axis=0),
             "action_mask": windows["action_mask"],
             "task_id": self.demo_task[demo],
             "instruction_id": instruction,
@@ -251,31 +253,40 @@ class DemoDataset(torch.utils.data.Dataset):
 
     def _file(self, file_index: int):
         if self._files_pid != os.getpid():  # h5py handles must not cross a fork
-            self._files, self._files_pid = {}, os.getpid()
+            self._files, self._files_pid, self._image_datasets = {}, os.getpid(), {}
         if file_index not in self._files:
             self._files[file_index] = open_demo_file(self.paths[file_index])
         return self._files[file_index]
 
+    def _image_dataset(self, demo: int, key: str):
+        """One demo's h5py image dataset, looked up once per process."""
+        ref = self.demos[demo]
+        file = self._file(ref.file_index)  # first: it resets the handles after a fork
+        if (demo, key) not in self._image_datasets:
+            self._image_datasets[demo, key] = file["data"][ref.name]["obs"][key]
+        return self._image_datasets[demo, key]
+
     def _read_images(self, key: str, steps: np.ndarray) -> np.ndarray:
-        """Images for any array of global steps: one contiguous slice read per demo touched."""
+        """Images for any array of global steps: only the frames needed, one read per run of
+        consecutive steps, memory bounded by the batch."""
         flat = steps.ravel()
-        out = np.empty((len(flat), *self.image_shapes[key]), dtype=np.uint8)
-        demos = self.step_demo[flat]
-        for demo in np.unique(demos):
-            selected = demos == demo
-            local = flat[selected] - self.demo_start[demo]
-            low, high = int(local.min()), int(local.max()) + 1
-            ref = self.demos[demo]
-            block = self._file(ref.file_index)["data"][ref.name]["obs"][key][low:high]
-            out[selected] = block[local - low]
-        return out.reshape(*steps.shape, *self.image_shapes[key])
+        unique, inverse = np.unique(flat, return_inverse=True)
+        frames = np.empty((len(unique), *self.image_shapes[key]), dtype=np.uint8)
+        demos = self.step_demo[unique]
+        breaks = (np.flatnonzero((np.diff(unique) != 1) | (np.diff(demos) != 0)) + 1).tolist()
+        for begin, end in zip([0, *breaks], [*breaks, len(unique)]):
+            demo = int(demos[begin])
+            low = int(unique[begin] - self.demo_start[demo])
+            frames[begin:end] = self._image_dataset(demo, key)[low:low + end - begin]
+        return frames[inverse].reshape(*steps.shape, *self.image_shapes[key])
 
     def _read_all_images(self, key: str) -> np.ndarray:
-        return np.concatenate([self._file(ref.file_index)["data"][ref.name]["obs"][key][()] for ref in self.demos])
+        return np.concatenate([self._image_dataset(demo, key)[()] for demo in range(len(self.demos))])
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_files"], state["_files_pid"], state["_rng"], state["_rng_pid"] = {}, None, None, None
+        state["_image_datasets"] = {}
         return state
 
 

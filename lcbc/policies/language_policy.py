@@ -112,9 +112,13 @@ class LanguagePolicy(nn.Module):
         """Forget the observation history: call at the start of every episode."""
         self._history = None
 
+    @torch.inference_mode()
     def reset_envs(self, done: np.ndarray) -> None:
-        """Forget the history of the environments whose episodes ended (vectorized rollouts)."""
-        if self._history is not None:
+        """Forget the history of the environments whose episodes ended (vectorized rollouts);
+        a mask for a different number of environments starts over."""
+        if self._history is None or len(done) != len(self._history["mask"]):
+            self._history = None
+        else:
             self._history["mask"][torch.as_tensor(done, dtype=torch.bool)] = False
 
     def _push_history(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
