@@ -71,8 +71,8 @@ def free_loopback_port() -> int:
 
 
 def start_server(policy: str, port: int, log_path: Path, wait_s: float = 120.0) -> subprocess.Popen:
-    """`python -m lcbc.serving.server` on 127.0.0.1:port; returns once /health answers."""
-    command = [sys.executable, "-m", "lcbc.serving.server", "--policy", policy, "--host", "127.0.0.1",
+    """`lcbc serve` on 127.0.0.1:port; returns once /health answers."""
+    command = [sys.executable, "-m", "lcbc.cli", "serve", "--policy", policy, "--host", "127.0.0.1",
                "--port", str(port)]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

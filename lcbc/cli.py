@@ -94,8 +94,14 @@ def cmd_eval(args) -> None:
     from lcbc.evaluation.rollout import ExpertActor, PolicyActor, rollout
 
     tasks = benchmark_tasks(args.benchmark)
+    policy = _load_policy(args.policy)
     instructions = None
-    if args.instructions:
+    if args.instructions == "unseen":  # the table's phrasings this policy was never trained on
+        from lcbc.envs.instructions import INSTRUCTIONS
+
+        known = set(policy.config["instructions"])
+        instructions = {task: [text for text in INSTRUCTIONS[task] if text not in known] for task in tasks}
+    elif args.instructions:
         try:
             instructions = json.loads(Path(args.instructions).read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -103,7 +109,6 @@ def cmd_eval(args) -> None:
         if not isinstance(instructions, dict) or not all(
                 isinstance(v, list) and all(isinstance(x, str) for x in v) for v in instructions.values()):
             raise UserError(f"{args.instructions}: expected a JSON object: task name -> list of instructions")
-    policy = _load_policy(args.policy)
     camera, size = _policy_camera(policy)
     actor = PolicyActor(policy)
     result = rollout(actor, tasks, args.episodes, instructions, seed=args.seed, envs_per_task=args.envs_per_task,
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policy", required=True, help="an exported policy folder")
     evaluate.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
     evaluate.add_argument("--episodes", type=int, default=50, help="goal variations per task (and phrasing)")
-    evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try")
+    evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try; "
+                          "'unseen': the built-in paraphrases the policy was not trained on")
     evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
     evaluate.add_argument("--out", default="eval")
     evaluate.add_argument("--seed", type=int, default=1, help="benchmark seed of the evaluation goals")

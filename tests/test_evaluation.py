@@ -81,3 +81,12 @@ def test_policy_act_batch_keeps_per_environment_history(trained_policy):
         policy.reset()
         single = [policy.act({"state": frames[t, env]}, text) for t in range(3)]
         np.testing.assert_array_equal(np.stack(single), np.stack(batched)[:, env])
+
+
+def test_readme_python_snippet_runs(trained_policy, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(snippet.replace("runs/bc_mt10_state/policy", str(trained_policy)), {})
+    assert "success:" in capsys.readouterr().out

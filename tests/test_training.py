@@ -128,3 +128,16 @@ def test_ddp_with_two_cpu_processes(task_file, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert "All distributed processes registered" in result.stderr + result.stdout
+
+
+def test_pixel_policy_trains_and_acts(tmp_path):
+    """Images plus low-dimensional state; the network takes the data's image size."""
+    from tests.conftest import write_demo_file
+
+    path = write_demo_file(tmp_path / "pixels.hdf5", lengths=(6, 6), image_size=32, instructions=["open the drawer"])
+    model = BehaviorCloning(history=2)
+    _trainer(tmp_path, 2).fit(model, DemoDataModule(str(path), history=2, batch_size=4, val_fraction=0.0))
+    assert model.policy.rt1_config.image_size == 32 and model.policy.config["image_keys"] == ["agentview_image"]
+    model.policy.eval().reset()
+    obs = {"state": np.zeros(3, np.float32), "agentview_image": np.zeros((32, 32, 3), np.uint8)}
+    assert model.policy.act(obs, "open the drawer").shape == (2,)

@@ -55,12 +55,13 @@ def bar_chart(table: dict, path: Path) -> None:
         ax.bar(x - 0.2, policy, 0.4, label=f"policy (mean {100 * table['mean']:.1f}%)")
         ax.bar(x + 0.2, [100 * table["tasks"][t]["expert"] for t in tasks], 0.4, color="lightgray",
                label=f"scripted expert (mean {100 * table['expert_mean']:.1f}%)")
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper center", ncol=2, frameon=False)
     else:
         ax.bar(x, policy, 0.6)
     ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=45, ha="right")
     ax.set_ylabel("success (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)  # room for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title("success per task")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -418,22 +418,3 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(run=_cmd_serve)
     return parser
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m lcbc.serving.server --policy DIR ...`: the same options as `lcbc serve`."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m lcbc.serving.server")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except UserError as error:
-        print(f"lcbc serve: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
