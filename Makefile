@@ -41,9 +41,11 @@ demo: install
 	$(LCBC) eval --policy $(RUN)/policy --benchmark MT10 --episodes 50 --videos 1 --out $(RUN)/eval
 	$(LCBC) act --policy $(RUN)/policy --task drawer-open-v3 "pull the drawer open" --video $(RUN)/drawer-open.gif
 
+# Speed tables in docs/BENCHMARKS.md; needs `make demo`'s dataset and policy first.
 bench: install
-	$(PYTHON) benchmarks/loader.py
-	$(PYTHON) benchmarks/policy.py
+	$(PYTHON) benchmarks/loader.py --data $(DATA)/mt10_state.hdf5 --out docs/BENCHMARKS.md
+	$(PYTHON) benchmarks/policy.py --data $(DATA)/mt10_state.hdf5 --policy $(RUN)/policy
+	$(PYTHON) benchmarks/eval_speed.py --policy $(RUN)/policy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

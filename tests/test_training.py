@@ -141,3 +141,18 @@ def test_pixel_policy_trains_and_acts(tmp_path):
     model.policy.eval().reset()
     obs = {"state": np.zeros(3, np.float32), "agentview_image": np.zeros((32, 32, 3), np.uint8)}
     assert model.policy.act(obs, "open the drawer").shape == (2,)
+
+
+def test_goal_images_condition_the_policy(tmp_path):
+    """Hindsight goals given as images (plus state) train the goal encoder with the policy."""
+    from tests.conftest import write_demo_file
+
+    path = write_demo_file(tmp_path / "pixels.hdf5", lengths=(6, 6), image_size=32)
+    model = BehaviorCloning(history=1, task_mode="goal", goal_keys=["agentview_image", "state"])
+    _trainer(tmp_path, 2).fit(model, DemoDataModule(str(path), history=1, goal="future", batch_size=4,
+                                                    val_fraction=0.0))
+    assert model.policy.task_encoder.goal_image_keys == ["agentview_image"]
+    model.policy.eval().reset()
+    obs = {"state": np.zeros(3, np.float32), "agentview_image": np.zeros((32, 32, 3), np.uint8)}
+    goal = {"state": np.ones(3, np.float32), "agentview_image": np.full((32, 32, 3), 255, np.uint8)}
+    assert model.policy.act(obs, goal=goal).shape == (2,)

@@ -60,9 +60,12 @@ class LanguagePolicy(nn.Module):
                        "goal_keys": list(goal_keys or []), "text_model": text_model}
         self.stats = stats
         self.normalizer = Normalizer(stats, list(low_dim_keys))
-        self.goal_normalizer = Normalizer(stats, list(goal_keys or [])) if task_mode == "goal" else None
-        goal_dim = sum(len(stats[key]["mean"]) for key in goal_keys or [])
-        self.task_encoder = TaskEncoder(task_mode, instructions, tasks, goal_dim=goal_dim, text_model=text_model)
+        goal_images = [key for key in goal_keys or [] if key in image_keys]
+        goal_low_dim = [key for key in goal_keys or [] if key not in image_keys]
+        self.goal_normalizer = Normalizer(stats, goal_low_dim) if task_mode == "goal" else None
+        goal_dim = sum(len(stats[key]["mean"]) for key in goal_low_dim)
+        self.task_encoder = TaskEncoder(task_mode, instructions, tasks, goal_dim=goal_dim,
+                                        goal_image_keys=goal_images, text_model=text_model)
         state_dim = sum(len(stats[key]["mean"]) for key in low_dim_keys)
         rt1 = RT1Config.from_dict({**rt1.to_dict(), "state_dim": state_dim, "image_keys": tuple(image_keys),
                                    "task_dim": self.task_encoder.dim, "action_dim": len(stats["actions"]["min"])})
@@ -79,9 +82,13 @@ class LanguagePolicy(nn.Module):
     # ---- the network on batches ----------------------------------------------------------------
 
     def task_vector(self, batch: dict) -> torch.Tensor:
-        goal = self.goal_normalizer(batch["goal"]) if self.goal_normalizer is not None else None
+        goal, goal_images = None, None
+        if self.goal_normalizer is not None:
+            goal = self.goal_normalizer(batch["goal"]) if self.goal_normalizer.keys else None
+            goal_images = {key: batch["goal"][key] for key in self.task_encoder.goal_image_keys}
         return self.task_encoder(instruction_id=batch.get("instruction_id"), task_id=batch.get("task_id"),
-                                 goal=goal, instruction_vectors=batch.get("instruction_vectors"))
+                                 goal=goal, goal_images=goal_images,
+                                 instruction_vectors=batch.get("instruction_vectors"))
 
     def logits(self, batch: dict) -> torch.Tensor:
         obs = batch["obs"]
@@ -170,7 +177,11 @@ class LanguagePolicy(nn.Module):
         else:
             if goals is None:
                 raise UserError("this policy is goal-conditioned: give a goal observation")
-            batch["goal"] = {key: torch.as_tensor(np.asarray(goals[key])).float() for key in self.config["goal_keys"]}
+            missing = [key for key in self.config["goal_keys"] if key not in goals]
+            if missing:
+                needed = ", ".join(self.config["goal_keys"])
+                raise UserError(f"goal has no key {missing[0]!r} (the policy needs {needed})")
+            batch["goal"] = {key: torch.as_tensor(np.asarray(goals[key])) for key in self.config["goal_keys"]}
         return self.predict(batch)[:, 0].numpy()
 
     def act(self, observation: dict, instruction: str | None = None, task_id: int | None = None,

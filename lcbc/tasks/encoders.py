@@ -74,11 +74,13 @@ class TaskEncoder(nn.Module):
       large common component ("open the drawer" and "close the drawer" have cosine 0.90), and
       removing it lets the policy tell instructions apart from the first updates.
     - onehot: a one-hot vector of the task id.
-    - goal: a small MLP, trained with the policy, on the normalized goal observation.
+    - goal: trained with the policy: a small MLP on the normalized low-dimensional goal observation,
+      and, for goal images, a small convolutional encoder whose features join the MLP's input.
     """
 
     def __init__(self, mode: str, instructions: list[str], tasks: list[str], goal_dim: int = 0,
-                 text_model: str = DEFAULT_TEXT_MODEL, text_dim: int = 384, goal_width: int = 128):
+                 goal_image_keys: list[str] | None = None, text_model: str = DEFAULT_TEXT_MODEL,
+                 text_dim: int = 384, goal_width: int = 128):
         super().__init__()
         if mode not in TASK_MODES:
             raise UserError(f"task encoder mode {mode!r} is not one of {', '.join(TASK_MODES)}")
@@ -87,8 +89,17 @@ class TaskEncoder(nn.Module):
         self.register_buffer("instruction_embeddings", torch.zeros(len(instructions), text_dim))
         self.register_buffer("embedding_center", torch.zeros(text_dim))
         self.register_buffer("embedding_scale", torch.ones(()))
+        self.goal_image_keys = list(goal_image_keys or [])
         if mode == "goal":
-            self.goal_mlp = nn.Sequential(nn.Linear(goal_dim, goal_width), nn.GELU(), nn.Linear(goal_width, goal_width))
+            image_features = 64 if self.goal_image_keys else 0
+            if self.goal_image_keys:
+                self.goal_image_encoder = nn.Sequential(
+                    nn.Conv2d(3 * len(self.goal_image_keys), 32, 5, stride=2, padding=2), nn.GELU(),
+                    nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+                    nn.Conv2d(64, image_features, 3, stride=2, padding=1), nn.GELU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.goal_mlp = nn.Sequential(nn.Linear(goal_dim + image_features, goal_width), nn.GELU(),
+                                          nn.Linear(goal_width, goal_width))
         self.dim = {"language": text_dim, "onehot": len(tasks), "goal": goal_width}[mode]
 
     def embed_vocabulary(self) -> None:
@@ -115,11 +126,17 @@ class TaskEncoder(nn.Module):
             raise UserError(f"unknown task {task!r}; this policy knows {', '.join(self.tasks)}")
         return self.tasks.index(task)
 
-    def forward(self, instruction_id=None, task_id=None, goal=None, instruction_vectors=None) -> torch.Tensor:
+    def forward(self, instruction_id=None, task_id=None, goal=None, goal_images=None,
+                instruction_vectors=None) -> torch.Tensor:
+        """goal: (B, goal_dim) normalized; goal_images: {key: (B, h, w, 3) uint8}."""
         if self.mode == "language":
             if instruction_vectors is None:
                 instruction_vectors = self.instruction_embeddings[instruction_id]
             return (instruction_vectors - self.embedding_center) / self.embedding_scale
         if self.mode == "onehot":
             return nn.functional.one_hot(task_id, len(self.tasks)).float()
-        return self.goal_mlp(goal)
+        features = [goal] if goal is not None else []
+        if self.goal_image_keys:
+            images = torch.cat([goal_images[key] for key in self.goal_image_keys], dim=-1)  # stack cameras
+            features.append(self.goal_image_encoder(images.permute(0, 3, 1, 2).float() / 255.0))
+        return self.goal_mlp(torch.cat(features, dim=-1))
