@@ -57,7 +57,7 @@ class BehaviorCloning(L.LightningModule):
                                      self.hparams.goal_keys, self.hparams.text_model)
         if self.hparams.ema_decay:
             self.ema = AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay),
-                                     use_buffers=True)
+                                     use_buffers=True).requires_grad_(False)
 
     def setup(self, stage: str) -> None:
         if self.policy is not None:
