@@ -67,7 +67,8 @@ class DemoDataset(torch.utils.data.Dataset):
                  instruction: str | None = None, train_paraphrases: int = 0,
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
                  tasks: list[str] | None = None, instructions: list[str] | None = None):
-        """`tasks` and `instructions` start the id vocabularies, so a validation split and its
+        """`demos` come from `split_demos` (which validates the files); without them every demo of the
+        validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
         training split (which extends the validation vocabulary) agree on ids."""
         self.paths = [str(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
         if history < 1 or action_chunk < 1:
@@ -111,8 +112,7 @@ class DemoDataset(torch.utils.data.Dataset):
             names = [demo.name for demo in self.demos if demo.file_index == file_index]
             if not names:
                 continue
-            with open_demo_file(path) as file:
-                validate(file, path)
+            with open_demo_file(path) as file:  # validated already, by split_demos or _all_demos
                 for name in names:
                     if name not in file["data"]:
                         raise UserError(f"{path}: no demo {name}")
