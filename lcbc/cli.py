@@ -147,6 +147,23 @@ def cmd_act(args) -> None:
     print(f"{'succeeded' if success else 'failed'}: {args.instruction!r} in {task}; video: {video}")
 
 
+def cmd_conflicts(args) -> None:
+    from lcbc.rl.conflicts import conflicts_markdown, gradient_conflicts, write_conflicts
+
+    tasks, matrix = gradient_conflicts(_load_policy(args.policy), args.data, batches=args.batches,
+                                       batch_size=args.batch_size, seed=args.seed)
+    write_conflicts(tasks, matrix, args.out)
+    Console().print(conflicts_markdown(tasks, matrix))
+    print(f"heatmap {args.out}/conflicts.png, tables {args.out}/conflicts.md and conflicts.json")
+
+
+def cmd_finetune(args) -> None:
+    from lcbc.training.finetune import run_finetune
+
+    out = run_finetune(args.config, args.policy, args.benchmark, args.out, resume=args.resume)
+    print(f"fine-tuned policy exported to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcbc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--seed", type=int, default=1)
     act.add_argument("--episode", type=int, default=0, help="which goal variation of the seed")
     act.set_defaults(run=cmd_act)
+
+    conflicts = commands.add_parser("conflicts", help="cosine matrix of per-task gradients (gradient conflicts)")
+    conflicts.add_argument("--policy", required=True, help="an exported policy folder")
+    conflicts.add_argument("--data", required=True, help="HDF5 demonstration file with the policy's tasks")
+    conflicts.add_argument("--batches", type=int, default=4, help="batches averaged into each task's gradient")
+    conflicts.add_argument("--batch-size", type=int, default=64, help="windows per task per batch")
+    conflicts.add_argument("--seed", type=int, default=0)
+    conflicts.add_argument("--out", default="conflicts")
+    conflicts.set_defaults(run=cmd_conflicts)
+
+    finetune = commands.add_parser("finetune", help="multi-task RL fine-tuning (IQL) of an exported policy")
+    finetune.add_argument("--policy", required=True, help="an exported policy folder (state observations)")
+    finetune.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    finetune.add_argument("--config", required=True, help="YAML config, e.g. configs/finetune_mt10.yaml")
+    finetune.add_argument("--out", help="run folder: checkpoints, logs and policy/ (default: the config's "
+                          "trainer.default_root_dir)")
+    finetune.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/last.ckpt")
+    finetune.set_defaults(run=cmd_finetune)
 
     from lcbc.serving.server import add_serve_parser
 
