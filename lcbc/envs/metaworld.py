@@ -58,6 +58,33 @@ def scripted_expert(task: str):
     return ENV_POLICY_MAP[task]()
 
 
+def simulator_state(env) -> np.ndarray:
+    """A raw Meta-World env's qpos, qvel, mocap position and quaternion, concatenated. Positions, and so every
+    reward and success Meta-World computes, follow from these; stepping on from a restored state also needs
+    the mocap target, which the arm follows."""
+    data = env.data
+    return np.concatenate([data.qpos, data.qvel, data.mocap_pos.ravel(), data.mocap_quat.ravel()])
+
+
+def simulator_state_size(env) -> int:
+    model = env.model
+    return model.nq + model.nv + 7 * model.nmocap
+
+
+def restore_simulator_state(env, state: np.ndarray) -> None:
+    """Put a `simulator_state` back into a raw Meta-World env and recompute positions and contacts (mj_forward)."""
+    import mujoco
+
+    model, data = env.model, env.data
+    state = np.asarray(state, dtype=np.float64)
+    if state.shape != (simulator_state_size(env),):
+        raise ValueError(f"simulator state has shape {state.shape}, this model needs ({simulator_state_size(env)},)")
+    qpos, qvel, mocap_pos, mocap_quat = np.split(state, np.cumsum([model.nq, model.nv, 3 * model.nmocap]))
+    data.qpos[:], data.qvel[:] = qpos, qvel
+    data.mocap_pos[:], data.mocap_quat[:] = mocap_pos.reshape(-1, 3), mocap_quat.reshape(-1, 4)
+    mujoco.mj_forward(model, data)
+
+
 class MetaWorldEnv(gym.Env):
     """One Meta-World task with a fixed goal, observations as a dict.
 
@@ -112,8 +139,7 @@ class MetaWorldEnv(gym.Env):
 
     def simulator_state(self) -> np.ndarray:
         """qpos, qvel, mocap position and quaternion: enough to restore the scene exactly."""
-        data = self._env.data
-        return np.concatenate([data.qpos, data.qvel, data.mocap_pos.ravel(), data.mocap_quat.ravel()])
+        return simulator_state(self._env)
 
     def close(self) -> None:
         self._env.close()

@@ -1,0 +1,276 @@
+"""The replay buffer: relabeled rewards equal what Meta-World reports for the same state under the new task
+or goal, demos survive the ring, batches mix demos and online transitions as configured."""
+
+from __future__ import annotations
+
+import functools
+
+import h5py
+import numpy as np
+import pytest
+
+from lcbc.envs.metaworld import (
+    MetaWorldEnv,
+    goal_for_episode,
+    restore_simulator_state,
+    scripted_expert,
+    simulator_state_size,
+)
+from lcbc.errors import UserError
+from lcbc.rl.replay import (
+    DEMO,
+    GOAL_RELABEL,
+    ONLINE,
+    ORIGINAL,
+    SCENES,
+    TASK_RELABEL,
+    RelabelConfig,
+    ReplayBuffer,
+    goal_in_scene,
+    scene_of,
+)
+from tests.conftest import write_demo_file
+
+
+@functools.cache
+def expert_episode(task: str, steps: int = 500) -> dict:
+    """The scripted expert on goal 0 of seed 0, for at most `steps` steps or until it succeeds."""
+    goal = goal_for_episode(task, 0, 0)
+    env = MetaWorldEnv(task, goal=goal)
+    expert = scripted_expert(task)
+    obs, _ = env.reset()
+    episode = {"states": [env.simulator_state()], "obs": [obs["state"]], "actions": [], "rewards": [],
+               "successes": []}
+    for _ in range(steps):
+        action = np.clip(expert.get_action(obs["state"]), -1, 1).astype(np.float64)  # what MetaWorldEnv passes on
+        obs, reward, _, _, info = env.step(action)
+        for key, value in (("states", env.simulator_state()), ("obs", obs["state"]), ("actions", action),
+                           ("rewards", reward), ("successes", info["success"])):
+            episode[key].append(value)
+        if info["success"]:
+            break
+    return {"goal": goal, **{key: np.array(value) for key, value in episode.items()}}
+
+
+def added(buffer: ReplayBuffer, task: str, steps: int = 500) -> dict[str, np.ndarray]:
+    episode = expert_episode(task, steps)
+    number = buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"])
+    rows = buffer.transitions()
+    return {key: column[rows["episode"] == number] for key, column in rows.items()}
+
+
+def select(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: column[mask] for key, column in rows.items()}
+
+
+def fresh_env(task: str, goal):
+    """A Meta-World env of `task`, reset into the goal variation, separate from the buffer's own."""
+    from metaworld import env_dict
+
+    env = env_dict.ALL_V3_ENVIRONMENTS[task]()
+    env.set_task(goal)
+    env.reset()
+    return env
+
+
+def env_reports(env, state: np.ndarray, action: np.ndarray, target: np.ndarray) -> tuple[float, bool, np.ndarray]:
+    """Reward, success and observation Meta-World reports at a restored state (the buffer's rows pad it)."""
+    restore_simulator_state(env, state[:simulator_state_size(env)])
+    env._target_pos = target
+    obs = env._get_obs()
+    reward, info = env.evaluate_state(obs, action)
+    return reward, bool(info["success"]), obs
+
+
+@pytest.mark.parametrize("task", ["reach-v3", "push-v3", "pick-place-v3"])
+def test_final_goal_relabels_equal_env_step_with_that_goal(task):
+    """The episode stops before the expert succeeds; relabeled with its final achieved position as the goal,
+    each step's reward equals env.step's in an env given that goal, and the last step succeeds."""
+    episode = expert_episode(task, steps=30)
+    assert not episode["successes"].any()
+    config = {"goal_strategy": "final", "goal_relabels": 3}
+    dense = added(ReplayBuffer([task], 1000, RelabelConfig(reward="dense", **config)), task, steps=30)
+    sparse = added(ReplayBuffer([task], 1000, RelabelConfig(reward="sparse", **config)), task, steps=30)
+    original, relabeled = (select(dense, dense["relabel"] == kind) for kind in (ORIGINAL, GOAL_RELABEL))
+    assert len(original["reward"]) == len(relabeled["reward"]) == 30  # 'final' relabels each step once
+    np.testing.assert_array_equal(original["reward"], episode["rewards"].astype(np.float32))
+    np.testing.assert_array_equal(original["next_obs"], episode["obs"][1:].astype(np.float32))  # rebuilt from states
+    goal = relabeled["goal"][0]
+    assert (relabeled["goal"] == goal).all() and (relabeled["obs"][:, -3:] == goal.astype(np.float32)).all()
+    assert (relabeled["next_obs"][:, -3:] == goal.astype(np.float32)).all()
+
+    env = fresh_env(task, episode["goal"])
+    env._target_pos = goal  # after reset: the goal moves nothing, so the same actions give the same states
+    rewards, successes = [], []
+    for action in episode["actions"]:
+        _, reward, _, _, info = env.step(action)
+        rewards.append(reward)
+        successes.append(info["success"] > 0.5)
+    np.testing.assert_array_equal(relabeled["reward"], np.float32(rewards))
+    np.testing.assert_array_equal(relabeled["terminal"], successes)
+    sparse_relabeled = select(sparse, sparse["relabel"] == GOAL_RELABEL)
+    np.testing.assert_array_equal(sparse_relabeled["reward"], np.float32(successes))
+    assert sparse_relabeled["reward"][-1] == 1.0 and sparse_relabeled["terminal"][-1]
+    assert (select(sparse, sparse["relabel"] == ORIGINAL)["reward"] == 0).all()
+
+
+@pytest.mark.parametrize("task, strategy", [("reach-v3", "future"), ("pick-place-v3", "episode")])
+def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task, strategy):
+    episode = expert_episode(task)
+    rows = added(ReplayBuffer([task], 5000, RelabelConfig(reward="dense", goal_strategy=strategy, goal_relabels=3),
+                              seed=1), task)
+    steps = len(episode["actions"])
+    relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
+    assert len(relabeled["reward"]) == 3 * steps
+    env = fresh_env(task, episode["goal"])
+    target = env._target_pos.copy()
+    achieved = []  # reach: the fingertips' centre; pick-place: the object
+    for state in episode["states"][1:]:
+        obs = env_reports(env, state, np.zeros(4), target)[2]
+        achieved.append(env.tcp_center.copy() if task == "reach-v3" else obs[4:7])
+    achieved = np.array(achieved)
+    for row in range(len(relabeled["reward"])):
+        step, goal = relabeled["step"][row], relabeled["goal"][row]
+        sources = np.flatnonzero((achieved == goal).all(axis=1))
+        assert len(sources) and (strategy == "episode" or sources.max() >= step)
+        reward, success, _ = env_reports(env, relabeled["sim_state"][row], episode["actions"][step], goal)
+        assert relabeled["reward"][row] == np.float32(reward) and relabeled["terminal"][row] == success
+    assert 0 < relabeled["terminal"].sum() < len(relabeled["terminal"])  # zero-reward relabels are kept too
+
+
+@pytest.mark.parametrize("task, others", [("drawer-open-v3", ["drawer-close-v3"]),
+                                          ("push-v3", ["reach-v3", "pick-place-v3"])])
+def test_task_relabels_equal_the_other_tasks_env(task, others):
+    """Every task-relabeled transition's reward, success and observation equal what a fresh env of the
+    other task, reset into the same goal variation, reports at the stored state."""
+    episode = expert_episode(task)
+    rows = added(ReplayBuffer([task, *others], 5000, RelabelConfig(reward="dense", task_strategy="all")), task)
+    scene = scene_of(episode["goal"])
+    for index, other in enumerate(others, start=1):
+        relabeled = select(rows, (rows["relabel"] == TASK_RELABEL) & (rows["task"] == index))
+        assert (relabeled["step"] == np.arange(len(episode["actions"]))).all()
+        env = fresh_env(other, goal_in_scene(other, scene))
+        target = env._target_pos.copy()
+        for row, action in enumerate(episode["actions"]):
+            reward, success, obs = env_reports(env, relabeled["sim_state"][row], action, target)
+            assert relabeled["reward"][row] == np.float32(reward) and relabeled["terminal"][row] == success
+            # The current frame (the previous frame of row 0 is the fresh env's own reset) and the goal, unclipped.
+            np.testing.assert_array_equal(relabeled["next_obs"][row, :18], np.float32(obs[:18]))
+            assert (relabeled["next_obs"][row, 36:] == np.float32(target)).all()
+            assert (relabeled["goal"][row] == target).all()
+        if other == "drawer-close-v3":
+            # The drawer scenes load one model file, so the drawer-close env stepped from the episode's first
+            # state follows the same trajectory, and its env.step reports the same rewards.
+            restore_simulator_state(env, episode["states"][0])
+            steps = [env.step(action) for action in episode["actions"]]
+            np.testing.assert_array_equal(relabeled["reward"], np.float32([step[1] for step in steps]))
+            np.testing.assert_array_equal(relabeled["terminal"], [step[4]["success"] > 0.5 for step in steps])
+
+
+def test_high_and_random_task_strategies():
+    """A push episode also moves the object onto pick-place's goal and the hand near reach's."""
+    buffer = ReplayBuffer(["push-v3", "reach-v3", "pick-place-v3"], 50_000, RelabelConfig(task_strategy="all"))
+    rows = added(buffer, "push-v3")
+    returns = {task: rows["reward"][(rows["relabel"] == TASK_RELABEL) & (rows["task"] == task)].sum()
+               for task in (1, 2)}
+    assert returns[2] > returns[1] >= 1  # sparse: steps with the object at pick-place's goal, the hand at reach's
+    for config, expected in ((RelabelConfig(task_strategy="high"), {2}),
+                             (RelabelConfig(task_strategy="high", task_relabels=2), {1, 2}),
+                             (RelabelConfig(task_strategy="high", high_return=returns[1] + 1, task_relabels=2), {2}),
+                             (RelabelConfig(task_strategy="high", high_return=1e9), set())):
+        buffer.config = config
+        relabeled = added(buffer, "push-v3")
+        assert set(relabeled["task"][relabeled["relabel"] == TASK_RELABEL]) == expected
+    buffer.config = RelabelConfig(task_strategy="random")
+    picked = []
+    for _ in range(6):
+        relabeled = added(buffer, "push-v3")
+        picked.append(set(relabeled["task"][relabeled["relabel"] == TASK_RELABEL]))
+    assert all(len(tasks) == 1 for tasks in picked) and set.union(*picked) == {1, 2}
+
+
+def test_demos_are_rescored_kept_apart_from_the_ring_and_sampled_in_proportion(metaworld_file):
+    buffer = ReplayBuffer(["drawer-open-v3", "drawer-close-v3", "reach-v3"], 60,
+                          RelabelConfig(goal_strategy="final", task_strategy="all"), demo_fraction=0.25)
+    added_count = buffer.load_demos(metaworld_file)
+    demos = {key: column.copy() for key, column in buffer.transitions("demo").items()}
+    assert added_count == buffer.demo_size == len(demos["reward"]) and (demos["source"] == DEMO).all()
+    with h5py.File(metaworld_file) as file:
+        for number, name in enumerate(sorted(file["data"], key=lambda name: int(name.split("_")[1]))):
+            group = file["data"][name]
+            original = select(demos, (demos["episode"] == number) & (demos["relabel"] == ORIGINAL))
+            assert buffer.tasks[original["task"][0]] == group.attrs["task"]
+            # Rebuilt from the stored simulator states, the observations are the file's.
+            np.testing.assert_allclose(original["obs"], group["obs/state"][()], atol=1e-3)
+            # The expert's demos end at their first success, the last state simulated again from the file.
+            assert original["terminal"][-1] and original["reward"][-1] == 1.0 and not original["terminal"][:-1].any()
+            kinds = set(demos["relabel"][demos["episode"] == number])
+            relabel = GOAL_RELABEL if group.attrs["task"] == "reach-v3" else TASK_RELABEL  # to drawer-close
+            assert kinds == {ORIGINAL, relabel}
+
+    for _ in range(4):  # 2 x 20 transitions each time: the 60-transition ring wraps
+        added(buffer, "reach-v3", steps=20)
+    assert buffer.online_size == 60 and len(buffer) == 60 + buffer.demo_size
+    for key, column in buffer.transitions("demo").items():
+        np.testing.assert_array_equal(column, demos[key])
+    batch = buffer.sample(400)
+    assert (batch["source"] == DEMO).sum() == 100 and (batch["source"] == ONLINE).sum() == 300
+    assert batch["obs"].shape == (400, 39) and "sim_state" not in batch
+    assert (buffer.sample(8)["source"] == DEMO).sum() == 2
+
+
+def test_ring_overwrites_the_oldest_transitions():
+    buffer = ReplayBuffer(["reach-v3"], 50)
+    episode = expert_episode("reach-v3", steps=20)
+    written = []  # (episode, step) in writing order: 20 transitions per episode, no relabels
+    for _ in range(4):
+        number = buffer.add_episode("reach-v3", episode["goal"], episode["states"], episode["actions"])
+        written += [(number, step) for step in range(20)]
+    stored = buffer.transitions()
+    assert buffer.online_size == 50
+    for position, expected in enumerate(written[-50:], start=len(written) - 50):
+        assert (stored["episode"][position % 50], stored["step"][position % 50]) == expected
+    assert (buffer.sample(10)["source"] == ONLINE).all()
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(["reach-v3"], 10).add_episode("reach-v3", episode["goal"], episode["states"], episode["actions"])
+    with pytest.raises(ValueError, match="expected"):
+        buffer.add_episode("reach-v3", episode["goal"], episode["states"][1:], episode["actions"])
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: RelabelConfig(goal_strategy="futur"), "goal_strategy"),
+    (lambda: RelabelConfig(task_strategy="best"), "task_strategy"),
+    (lambda: RelabelConfig(reward="shaped"), "reward"),
+    (lambda: RelabelConfig(goal_relabels=0), "goal_relabels"),
+    (lambda: RelabelConfig(task_relabels=1.5), "task_relabels"),
+    (lambda: ReplayBuffer(["reach-v3"], 0), "capacity"),
+    (lambda: ReplayBuffer(["reach-v3"], 10, demo_fraction=1.5), "demo_fraction"),
+    (lambda: ReplayBuffer(["reach-v2"], 10), "reach-v2"),
+])
+def test_bad_configuration_is_one_clear_line(make, field):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert field in str(error.value) and "\n" not in str(error.value)
+
+
+def test_demo_files_without_states_or_of_other_tasks_are_refused(tmp_path):
+    path = write_demo_file(tmp_path / "no_states.hdf5", lengths=(4,), state_dim=39, action_dim=4, tasks=["reach-v3"])
+    with pytest.raises(UserError, match=r"no_states.hdf5: demo_0: no 'states'"):
+        ReplayBuffer(["reach-v3"], 10).load_demos(path)
+    with pytest.raises(UserError, match=r"demo_0: task 'reach-v3' is not one of this buffer's tasks"):
+        ReplayBuffer(["push-v3"], 10).load_demos(path)
+
+
+def test_scene_groups_share_their_physics():
+    """Tasks relabeled into each other must simulate the same world: compare their compiled models."""
+    from metaworld import env_dict
+
+    fields = ("body_pos", "body_quat", "body_mass", "body_inertia", "geom_type", "geom_size", "geom_pos",
+              "geom_quat", "geom_friction", "geom_contype", "geom_conaffinity", "jnt_type", "jnt_range",
+              "jnt_qposadr", "dof_damping", "dof_armature", "actuator_gear", "actuator_ctrlrange", "qpos0", "eq_data")
+    for scene in SCENES:
+        models = [env_dict.ALL_V3_ENVIRONMENTS[task]().model for task in scene]
+        for model in models[1:]:
+            assert (model.nq, model.nv, model.nmocap) == (models[0].nq, models[0].nv, models[0].nmocap)
+            for field in fields:
+                np.testing.assert_array_equal(getattr(model, field), getattr(models[0], field), err_msg=field)
