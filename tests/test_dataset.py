@@ -155,3 +155,18 @@ def test_dataloader_workers(demo_file):
     data.setup("fit")
     seen = sum(len(batch["actions"]) for batch in data.train_dataloader())
     assert seen == 16
+
+
+def test_normalizer_scales_per_dimension_or_keeps_the_geometry_of_a_key():
+    from lcbc.policies.language_policy import Normalizer
+
+    stats = {"state": {"mean": [1.0, 2.0, 3.0], "std": [0.1, 2.0, 0.0]}}
+    a, b = torch.tensor([[1.5, 1.0, 3.0]]), torch.tensor([[1.0, 3.0, 3.0]])
+    per_dim = Normalizer(stats, ["state"])
+    torch.testing.assert_close(per_dim({"state": a}), torch.tensor([[5.0, -0.5, 0.0]]))
+    per_key = Normalizer(stats, ["state"], scale="key")
+    offset = per_key({"state": a}) - per_key({"state": b})
+    rms = np.sqrt((0.1**2 + 2.0**2 + 0.0) / 3)
+    torch.testing.assert_close(offset, (a - b) / rms)  # one scale: offsets keep their direction
+    with pytest.raises(UserError, match="normalization must be one of"):
+        Normalizer(stats, ["state"], scale="axis")

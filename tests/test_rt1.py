@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lcbc.policies.rt1 import RT1, ActionTokenizer, FiLM, RT1Config
 
@@ -51,7 +52,7 @@ def test_output_shapes(preset, obs):
     assert logits.shape == (B, 3, 5, cfg.num_bins)
     assert torch.isfinite(logits).all()
     # Zero-initialised head: training starts from the uniform prediction.
-    targets = torch.randint(0, cfg.num_bins, (B, 3, 5))
+    targets = F.one_hot(torch.randint(0, cfg.num_bins, (B, 3, 5)), cfg.num_bins).float()
     loss = RT1.loss(logits, targets, torch.ones(B, 3, dtype=torch.bool))
     assert loss.item() == pytest.approx(math.log(cfg.num_bins), rel=1e-5)
 
@@ -82,6 +83,31 @@ def test_action_tokenizer_round_trip():
     assert torch.equal(tok.tokenize(high + 5), tok.tokenize(high))
     assert torch.equal(tok.tokenize(low - 5), tok.tokenize(low))
     assert set(dict(tok.named_buffers())) == {"low", "high"}
+    # One-hot targets decode to the bin centre.
+    torch.testing.assert_close(tok.decode(tok.targets(actions).log()), tok.detokenize(tokens))
+
+
+def test_gaussian_targets_decode_finer_than_a_bin():
+    low, high = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 4.0])
+    tok = ActionTokenizer(low, high, num_bins=64, label_sigma=0.75)
+    actions = low + (high - low) * (0.05 + 0.9 * torch.rand(500, 2))  # away from the clipped ends
+    targets = tok.targets(actions)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(500, 2))
+    # The mass sits around the action's own bin, symmetric within a bin: its mean is the action.
+    assert (targets.argmax(-1) - tok.tokenize(actions)).abs().max() <= 1
+    err = (tok.decode(targets.log()) - actions).abs()
+    assert (err < 0.05 * tok.bin_width).all(), err.max()
+    # At the bounds the mass that would fall outside stays out: the outer bin holds the most.
+    edge = tok.targets(torch.stack([low, high]))
+    torch.testing.assert_close(edge.sum(-1), torch.ones(2, 2))
+    assert edge[0].argmax(-1).eq(0).all() and edge[1].argmax(-1).eq(63).all()
+    # A second mode far away does not pull the decoded action towards it.
+    logits = targets.log()[:1].clone()
+    far = (tok.tokenize(actions[:1]) + 32) % 64
+    logits.scatter_(-1, far[..., None], 0.0)  # a strong bin 32 bins away
+    mode = logits.argmax(-1)
+    decoded = tok.decode(logits)
+    assert ((decoded - tok.detokenize(mode)).abs() <= 4 * tok.bin_width).all()
 
 
 @pytest.mark.parametrize("obs", list(OBSERVATIONS))
@@ -123,13 +149,13 @@ def test_attention_mask_is_block_causal():
 
 def test_loss_ignores_masked_actions():
     logits = torch.randn(3, 2, 4, 16)
-    targets = torch.randint(0, 16, (3, 2, 4))
+    tokens = torch.randint(0, 16, (3, 2, 4))
     mask = torch.tensor([[True, True], [True, False], [False, False]])
-    loss = RT1.loss(logits, targets, mask)
-    other = targets.clone()
+    loss = RT1.loss(logits, F.one_hot(tokens, 16).float(), mask)
+    other = tokens.clone()
     other[~mask] = (other[~mask] + 1) % 16
-    assert torch.equal(loss, RT1.loss(logits, other, mask))
-    expected = torch.nn.functional.cross_entropy(logits[mask].flatten(0, 1), targets[mask].flatten())
+    assert torch.equal(loss, RT1.loss(logits, F.one_hot(other, 16).float(), mask))
+    expected = F.cross_entropy(logits[mask].flatten(0, 1), tokens[mask].flatten())
     torch.testing.assert_close(loss, expected)
 
 
@@ -138,7 +164,7 @@ def test_tiny_model_overfits_fixed_batch():
     cfg = RT1Config.preset("rt1-tiny", state_dim=STATE_DIM, action_chunk=2, dropout=0.0)
     model = RT1(cfg)
     task, frame_mask, state, _ = _inputs(cfg, batch=4)
-    targets = torch.randint(0, cfg.num_bins, (4, cfg.action_chunk, cfg.action_dim))
+    targets = F.one_hot(torch.randint(0, cfg.num_bins, (4, cfg.action_chunk, cfg.action_dim)), cfg.num_bins).float()
     action_mask = torch.ones(4, cfg.action_chunk, dtype=torch.bool)
     action_mask[0, -1] = False
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -23,19 +23,33 @@ from lcbc.tasks.encoders import DEFAULT_TEXT_MODEL, TaskEncoder
 STD_FLOOR = 1e-2  # Meta-World pads unused object dimensions with constants: their std is 0
 
 
-class Normalizer(nn.Module):
-    """(x - mean) / max(std, floor) per low-dimensional key; a key without statistics is an error."""
+NORMALIZATIONS = ("dimension", "key")
 
-    def __init__(self, stats: dict[str, dict[str, list[float]]], keys: list[str]):
+
+class Normalizer(nn.Module):
+    """(x - mean) / scale per low-dimensional key; a key without statistics is an error.
+
+    `scale="dimension"` divides each dimension by its own std; `scale="key"` divides the whole key by one
+    number (the root mean square of its dimensions' stds). One scale keeps the geometry of a state made of
+    positions: a hand-to-goal offset stays the same vector in every direction, where per-dimension scaling
+    stretches each axis by how much that coordinate happens to vary across all tasks' data (in Meta-World
+    the reach goal's y varies far less than the y of the other tasks' objects).
+    """
+
+    def __init__(self, stats: dict[str, dict[str, list[float]]], keys: list[str], scale: str = "dimension"):
         super().__init__()
+        if scale not in NORMALIZATIONS:
+            raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {scale!r}")
         missing = [key for key in keys if key not in stats]
         if missing:
             raise UserError(f"normalization statistics have no key {missing[0]!r} (have {', '.join(stats)})")
         self.keys = list(keys)
         for key in keys:
             self.register_buffer(f"mean_{key}", torch.tensor(stats[key]["mean"], dtype=torch.float32))
-            std = torch.tensor(stats[key]["std"], dtype=torch.float32).clamp_min(STD_FLOOR)
-            self.register_buffer(f"std_{key}", std)
+            std = torch.tensor(stats[key]["std"], dtype=torch.float32)
+            if scale == "key":
+                std = std.square().mean().sqrt().expand_as(std).clone()
+            self.register_buffer(f"std_{key}", std.clamp_min(STD_FLOOR))
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate the normalized keys, in a fixed order, along the last dimension."""
@@ -52,17 +66,19 @@ class LanguagePolicy(nn.Module):
 
     def __init__(self, rt1: RT1Config | dict, stats: dict, low_dim_keys: list[str], image_keys: list[str],
                  instructions: list[str], tasks: list[str], task_mode: str = "language",
-                 goal_keys: list[str] | None = None, text_model: str = DEFAULT_TEXT_MODEL):
+                 goal_keys: list[str] | None = None, text_model: str = DEFAULT_TEXT_MODEL,
+                 normalization: str = "dimension"):
         super().__init__()
         rt1 = RT1Config.from_dict(rt1) if isinstance(rt1, dict) else rt1
         self.config = {"rt1": rt1.to_dict(), "low_dim_keys": list(low_dim_keys), "image_keys": list(image_keys),
                        "instructions": list(instructions), "tasks": list(tasks), "task_mode": task_mode,
-                       "goal_keys": list(goal_keys or []), "text_model": text_model}
+                       "goal_keys": list(goal_keys or []), "text_model": text_model,
+                       "normalization": normalization}
         self.stats = stats
-        self.normalizer = Normalizer(stats, list(low_dim_keys))
+        self.normalizer = Normalizer(stats, list(low_dim_keys), normalization)
         goal_images = [key for key in goal_keys or [] if key in image_keys]
         goal_low_dim = [key for key in goal_keys or [] if key not in image_keys]
-        self.goal_normalizer = Normalizer(stats, goal_low_dim) if task_mode == "goal" else None
+        self.goal_normalizer = Normalizer(stats, goal_low_dim, normalization) if task_mode == "goal" else None
         goal_dim = sum(len(stats[key]["mean"]) for key in goal_low_dim)
         self.task_encoder = TaskEncoder(task_mode, instructions, tasks, goal_dim=goal_dim,
                                         goal_image_keys=goal_images, text_model=text_model)
@@ -72,7 +88,8 @@ class LanguagePolicy(nn.Module):
         self.config["rt1"] = rt1.to_dict()
         self.net = RT1(rt1)
         self.action_tokenizer = ActionTokenizer(torch.tensor(stats["actions"]["min"]),
-                                                torch.tensor(stats["actions"]["max"]), rt1.num_bins)
+                                                torch.tensor(stats["actions"]["max"]), rt1.num_bins,
+                                                rt1.label_sigma)
         self._history: dict[str, torch.Tensor] | None = None
 
     @property
@@ -99,19 +116,28 @@ class LanguagePolicy(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Behavior-cloning loss: cross-entropy of the demonstrated actions' bins."""
         logits = self.logits(batch)
-        targets = self.action_tokenizer.tokenize(batch["actions"])
-        loss = RT1.loss(logits, targets, batch["action_mask"])
+        tokenizer = self.action_tokenizer
+        loss = RT1.loss(logits, tokenizer.targets(batch["actions"]), batch["action_mask"])
         with torch.no_grad():
-            mask = batch["action_mask"][..., None].expand_as(targets)
-            accuracy = ((logits.argmax(-1) == targets) & mask).sum() / mask.sum().clamp_min(1)
-            error = (self.action_tokenizer.detokenize(logits.argmax(-1)) - batch["actions"]).abs()
+            tokens = tokenizer.tokenize(batch["actions"])
+            mask = batch["action_mask"][..., None].expand_as(tokens)
+            accuracy = ((logits.argmax(-1) == tokens) & mask).sum() / mask.sum().clamp_min(1)
+            error = (tokenizer.decode(logits) - batch["actions"].clamp(tokenizer.low, tokenizer.high)).abs()
             action_error = (error * mask).sum() / mask.sum().clamp_min(1)
         return loss, {"token_accuracy": accuracy, "action_l1": action_error}
 
+    def log_likelihood(self, batch: dict) -> torch.Tensor:
+        """Per-sample log-likelihood of the batch's actions, (B,): minus the cross-entropy of their target
+        bins (the training loss's own term), summed over action dimensions and real chunk steps. RL's
+        advantage-weighted actor update weighs these per transition."""
+        logits = self.logits(batch)
+        log_probs = (self.action_tokenizer.targets(batch["actions"]) * logits.float().log_softmax(-1)).sum(-1)
+        return (log_probs.sum(-1) * batch["action_mask"]).sum(-1)
+
     @torch.inference_mode()
     def predict(self, batch: dict) -> torch.Tensor:
-        """Most likely action chunk in environment units, (B, K, A)."""
-        return self.action_tokenizer.detokenize(self.logits(batch).argmax(-1))
+        """Action chunk in environment units, (B, K, A), decoded around the most likely bins."""
+        return self.action_tokenizer.decode(self.logits(batch))
 
     # ---- acting in environments ------------------------------------------------------------------
 
@@ -212,6 +238,7 @@ class LanguagePolicy(nn.Module):
         config = json.loads((directory / "config.json").read_text())
         stats = json.loads((directory / "normalization.json").read_text())
         policy = cls(config["rt1"], stats, config["low_dim_keys"], config["image_keys"], config["instructions"],
-                     config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"])
+                     config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"],
+                     config.get("normalization", "dimension"))
         policy.load_state_dict(load_file(directory / "model.safetensors"))
         return policy.eval()

@@ -74,6 +74,9 @@ class RT1Config:
     history: int = 6  # frames H seen by the transformer
     action_chunk: int = 1  # actions K predicted per step
     num_bins: int = 256
+    # Std (in bins) of the Gaussian that spreads each action's target over neighbouring bins (HL-Gauss,
+    # Farebrother et al. 2024); 0 = one-hot targets. See ActionTokenizer.
+    label_sigma: float = 0.75
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -92,6 +95,8 @@ class RT1Config:
         for name in ("action_dim", "task_dim", "history", "action_chunk", "num_bins", "width", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.label_sigma < 0:
+            raise ValueError(f"label_sigma must be >= 0, got {self.label_sigma}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> RT1Config:
@@ -374,18 +379,22 @@ class ActionTokenizer(nn.Module):
     """Uniform per-dimension binning of actions between ``low`` and ``high`` (shape (A,)).
 
     Discrete bins turn regression into classification, which models multi-modal demonstrations (the policy
-    can put mass on "left" and "right" without averaging to "straight"). Bounds are buffers so they move with
-    ``.to(device)`` and are saved in the state dict.
+    can put mass on "left" and "right" without averaging to "straight"). With one-hot targets, though, a bin
+    next to the right one costs as much as a bin at the other end, so between the demonstrated states the
+    prediction may jump anywhere. ``label_sigma > 0`` spreads each target over neighbouring bins as a
+    Gaussian (HL-Gauss): nearby bins become nearly right, the classifier interpolates like a regressor, and
+    decoding reads the mean of the mode's neighbourhood, finer than one bin. Bounds are buffers so they move
+    with ``.to(device)`` and are saved in the state dict.
     """
 
-    def __init__(self, low: Tensor, high: Tensor, num_bins: int = 256):
+    def __init__(self, low: Tensor, high: Tensor, num_bins: int = 256, label_sigma: float = 0.0):
         super().__init__()
         low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
         if low.shape != high.shape or low.dim() != 1:
             raise ValueError(f"low and high must both have shape (A,), got {tuple(low.shape)}, {tuple(high.shape)}")
         if (high < low).any():
             raise ValueError("high must be >= low in every dimension")
-        self.num_bins = num_bins
+        self.num_bins, self.label_sigma = num_bins, label_sigma
         self.register_buffer("low", low)
         self.register_buffer("high", high)
 
@@ -393,15 +402,51 @@ class ActionTokenizer(nn.Module):
     def bin_width(self) -> Tensor:
         return (self.high - self.low) / self.num_bins
 
+    def _position(self, actions: Tensor) -> Tensor:
+        """(..., A) float -> position in bin units, clipped to [0, num_bins]."""
+        x = torch.minimum(torch.maximum(actions, self.low), self.high)
+        return (x - self.low) / (self.high - self.low).clamp_min(1e-12) * self.num_bins
+
     def tokenize(self, actions: Tensor) -> Tensor:
         """(..., A) float -> (..., A) long in [0, num_bins); values outside the bounds are clipped first."""
-        x = torch.minimum(torch.maximum(actions, self.low), self.high)
-        scaled = (x - self.low) / (self.high - self.low).clamp_min(1e-12) * self.num_bins
-        return scaled.floor().long().clamp_(0, self.num_bins - 1)
+        return self._position(actions).floor().long().clamp_(0, self.num_bins - 1)
 
     def detokenize(self, tokens: Tensor) -> Tensor:
         """(..., A) long -> (..., A) float at the bin centres (round-trip error <= half a bin width)."""
         return self.low + (tokens.float() + 0.5) * self.bin_width
+
+    def targets(self, actions: Tensor) -> Tensor:
+        """(..., A) float -> (..., A, num_bins) target distribution: the mass a Gaussian centred on the action
+        (std ``label_sigma`` bins) puts in each bin, renormalized; one-hot when ``label_sigma`` is 0."""
+        tokens = self.tokenize(actions)
+        if self.label_sigma == 0:
+            return F.one_hot(tokens, self.num_bins).float()
+        # Only the bins within 4 sigma get mass (the rest is < 1e-4): erf of a few edges, scattered.
+        radius = math.ceil(4 * self.label_sigma)
+        bins = tokens[..., None] + torch.arange(-radius, radius + 1, device=actions.device)
+        edges = torch.cat([bins, bins[..., -1:] + 1], dim=-1).float()
+        z = (edges - self._position(actions.float())[..., None]) / (self.label_sigma * math.sqrt(2))
+        inside = (bins >= 0) & (bins < self.num_bins)
+        mass = torch.diff(torch.special.erf(z), dim=-1) * inside
+        mass = mass / mass.sum(-1, keepdim=True)
+        targets = torch.zeros(*actions.shape, self.num_bins, device=actions.device)
+        return targets.scatter_add_(-1, bins.clamp(0, self.num_bins - 1), mass)
+
+    def decode(self, logits: Tensor) -> Tensor:
+        """(..., A, num_bins) logits -> (..., A) actions: the probability-weighted mean of the bin centres
+        within 3 sigma of the most likely bin (the bin centre itself for one-hot training). Staying near
+        the mode keeps multi-modal predictions from averaging into an action no demonstration took."""
+        mode = logits.argmax(-1)
+        radius = math.ceil(3 * self.label_sigma)
+        if radius == 0:
+            return self.detokenize(mode)
+        offsets = torch.arange(-radius, radius + 1, device=logits.device)
+        window = mode[..., None] + offsets
+        inside = (window >= 0) & (window < self.num_bins)
+        window = window.clamp(0, self.num_bins - 1)
+        probs = logits.float().softmax(-1).gather(-1, window) * inside
+        position = (probs * (window.float() + 0.5)).sum(-1) / probs.sum(-1).clamp_min(1e-12)
+        return self.low + position * self.bin_width
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -509,13 +554,12 @@ class RT1(nn.Module):
         return logits.view(B, c.action_chunk, c.action_dim, c.num_bins)
 
     @staticmethod
-    def loss(logits: Tensor, target_tokens: Tensor, action_mask: Tensor) -> Tensor:
+    def loss(logits: Tensor, targets: Tensor, action_mask: Tensor) -> Tensor:
         """Masked mean cross-entropy over real (batch, chunk) entries and all action dimensions.
 
-        logits (B, K, A, bins); target_tokens (B, K, A) long; action_mask (B, K) bool, True = real action
-        (chunk steps past the episode end are False).
+        logits (B, K, A, bins); targets (B, K, A, bins), a distribution over bins (ActionTokenizer.targets);
+        action_mask (B, K) bool, True = real action (chunk steps past the episode end are False).
         """
-        ce = F.cross_entropy(logits.flatten(0, 2).float(), target_tokens.flatten(), reduction="none")
-        ce = ce.view(target_tokens.shape)  # (B, K, A)
+        ce = -(targets * logits.float().log_softmax(-1)).sum(-1)  # (B, K, A)
         weights = action_mask.to(ce.dtype)[..., None].expand_as(ce)
         return (ce * weights).sum() / weights.sum().clamp_min(1.0)

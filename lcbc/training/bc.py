@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lcbc.errors import UserError
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1Config
+from lcbc.rl.pcgrad import pcgrad_backward, split_by_task
 from lcbc.tasks.encoders import DEFAULT_TEXT_MODEL
 
 
@@ -32,16 +33,25 @@ class BehaviorCloning(L.LightningModule):
         preset: RT-1 size preset ("rt1-tiny" or "rt1"); `rt1` overrides any of its fields.
         history, action_chunk: window sizes; `lcbc fit` passes them on to the DataModule.
         task_mode: "language" (frozen text embeddings), "onehot" (task id) or "goal" (hindsight goals).
+        normalization: "dimension" (each observation dimension by its std) or "key" (one scale per key,
+            which keeps the geometry of position vectors; see `Normalizer`).
         goal_keys: observation keys the goal encoder reads (task_mode "goal").
         ema_decay: keep an exponential moving average of the weights for validation and export.
+        pcgrad: gradient surgery between the tasks of each batch (lcbc.rl.pcgrad): every task's mean loss
+            gets its own gradient, conflicting components are projected away, and the results are averaged.
+            Tasks then weigh equally in a batch, whatever their share of the windows. It steps the optimizer
+            itself, so clip with `gradient_clip` here instead of the trainer's `gradient_clip_val`.
     """
 
     def __init__(self, preset: str = "rt1-tiny", rt1: dict | None = None, history: int = 6,
-                 action_chunk: int = 1, task_mode: str = "language", goal_keys: list[str] | None = None,
+                 action_chunk: int = 1, task_mode: str = "language", normalization: str = "dimension",
+                 goal_keys: list[str] | None = None,
                  text_model: str = DEFAULT_TEXT_MODEL, lr: float = 3e-4, weight_decay: float = 0.01,
-                 warmup_steps: int = 200, ema_decay: float | None = None):
+                 warmup_steps: int = 200, ema_decay: float | None = None, pcgrad: bool = False,
+                 gradient_clip: float | None = 1.0):
         super().__init__()
         self.save_hyperparameters()
+        self.automatic_optimization = not pcgrad
         self.rt1_config = RT1Config.preset(preset, **(rt1 or {}), history=history, action_chunk=action_chunk)
         self.policy: LanguagePolicy | None = None
         self.ema: AveragedModel | None = None
@@ -54,7 +64,7 @@ class BehaviorCloning(L.LightningModule):
             rt1 = RT1Config.from_dict({**rt1.to_dict(), "image_size": spec["image_size"]})
         self.policy = LanguagePolicy(rt1, spec["stats"], spec["low_dim_keys"], spec["image_keys"],
                                      spec["instructions"], spec["tasks"], self.hparams.task_mode,
-                                     self.hparams.goal_keys, self.hparams.text_model)
+                                     self.hparams.goal_keys, self.hparams.text_model, self.hparams.normalization)
         if self.hparams.ema_decay:
             self.ema = AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay),
                                      use_buffers=True).requires_grad_(False)
@@ -106,7 +116,7 @@ class BehaviorCloning(L.LightningModule):
                       else value.to(device, non_blocking=True)) for key, value in batch.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.policy(batch)
+        loss, metrics = self._pcgrad_step(batch) if self.hparams.pcgrad else self.policy(batch)
         size = len(batch["actions"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         # Step metrics are written every log_every_n_steps; each self.log costs ~2 ms on CPU, so the
@@ -114,6 +124,18 @@ class BehaviorCloning(L.LightningModule):
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
         return loss
+
+    def _pcgrad_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        results = [self.policy(task_batch) for task_batch in split_by_task(batch).values()]
+        optimizer.zero_grad()
+        pcgrad_backward([loss for loss, _ in results], [p for p in self.policy.parameters() if p.requires_grad])
+        if self.hparams.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        schedule.step()
+        mean = {key: torch.stack([metrics[key] for _, metrics in results]).mean() for key in results[0][1]}
+        return torch.stack([loss for loss, _ in results]).mean().detach(), mean
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
