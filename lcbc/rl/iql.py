@@ -1,0 +1,170 @@
+"""Implicit Q-learning (IQL) whose actor is the RT-1 policy, in one file.
+
+Kostrikov et al. 2021, "Offline Reinforcement Learning with Implicit Q-Learning", used for fine-tuning
+(offline-to-online): the replay mixes demonstrations and the policy's own experience. IQL never asks the
+critic about actions the data does not contain, which is what keeps fine-tuning from a behavior-cloned
+policy stable, and its actor update is a weighted behavior-cloning loss, so the RT-1 policy trains exactly
+as it did in BC (cross-entropy of action bins) with each transition weighted by how good its action was.
+
+Read top to bottom. Notation: s state, z task vector, a action, r reward, d terminal, s' next state.
+
+1. ``CriticInputs`` -- what the critics see: the policy's normalized state and its frozen task vector.
+2. ``Critics``      -- twin Q(s, z, a), V(s, z), and a Polyak-averaged copy of the Q networks.
+3. ``expectile_loss`` -- V regresses onto min_i Qtarget_i(s, a) with an asymmetric square (expectile tau):
+                       with tau > 0.5 V approaches the best in-distribution action's value, not the mean.
+4. ``critic_loss``  -- L_V = E[|tau - 1(u < 0)| u^2], u = min_i Qtarget_i(s, a) - V(s)
+                       L_Q = sum_i E[(r + gamma (1 - d) V(s') - Q_i(s, a))^2]
+5. ``awr_weights``  -- w = min(exp(beta (min_i Qtarget_i(s, a) - V(s))), max_weight)
+6. ``actor_loss``   -- L_pi = -E[w log pi(a | s, z)] (per task when PCGrad takes the tasks apart).
+7. ``Critics.update_target`` -- Qtarget <- (1 - polyak) Qtarget + polyak Q after every update.
+
+V(s') is the TD target, so no target V is needed; the Polyak-averaged Q networks give V and the
+advantage a slowly moving regression target, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lcbc.envs.metaworld import ROBOT_STATE_DIM
+from lcbc.errors import UserError
+
+# The policy's low-dimensional keys, rebuilt from the stored 39-d Meta-World state the way MetaWorldEnv builds them.
+STATE_KEYS = {"state": lambda state: state, "robot_state": lambda state: state[..., :ROBOT_STATE_DIM]}
+
+
+@dataclass(frozen=True)
+class IQLConfig:
+    gamma: float = 0.99  # discount
+    expectile: float = 0.9  # tau of the V regression; 0.5 = mean (SARSA-like), -> 1 = max over data actions
+    beta: float = 10.0  # inverse temperature of the advantage weights
+    max_weight: float = 100.0  # clip of exp(beta * advantage), so one lucky transition cannot dominate
+    polyak: float = 0.005  # rate of the target Q networks
+    hidden: int = 256  # critic MLP width
+    layers: int = 2  # critic MLP hidden layers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. What the critics see
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CriticInputs:
+    """Builds critic inputs with the policy's own pieces: its normalizer for the state, its frozen task
+    encoder for the task vector, its action bounds to scale actions to [-1, 1]. The critics thus share the
+    policy's view of the world and need no statistics of their own."""
+
+    def __init__(self, policy):
+        unsupported = [key for key in policy.config["low_dim_keys"] if key not in STATE_KEYS]
+        if policy.config["image_keys"] or unsupported:
+            raise UserError("fine-tuning needs a state-only Meta-World policy (observation keys "
+                            f"{', '.join(STATE_KEYS)}); this one reads "
+                            f"{', '.join(policy.config['low_dim_keys'] + policy.config['image_keys'])}")
+        self.policy = policy
+
+    def observation(self, state: Tensor) -> dict[str, Tensor]:
+        """The policy's observation dict from 39-d Meta-World states (..., 39)."""
+        return {key: STATE_KEYS[key](state) for key in self.policy.config["low_dim_keys"]}
+
+    @torch.no_grad()
+    def state(self, state: Tensor, task: dict[str, Tensor]) -> Tensor:
+        """(B, 39) states and the task inputs of `policy.task_vector` -> (B, state features + task dim)."""
+        return torch.cat([self.policy.normalizer(self.observation(state)), self.policy.task_vector(task)], dim=-1)
+
+    def action(self, action: Tensor) -> Tensor:
+        """Environment actions (B, A) -> [-1, 1] within the policy's action bounds (clipped to them)."""
+        low, high = self.policy.action_tokenizer.low, self.policy.action_tokenizer.high
+        return (torch.minimum(torch.maximum(action, low), high) - low) / (high - low).clamp_min(1e-6) * 2 - 1
+
+    def dims(self) -> tuple[int, int]:
+        """(state + task features, action dims)."""
+        rt1 = self.policy.rt1_config
+        return rt1.state_dim + self.policy.task_encoder.dim, rt1.action_dim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Critics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mlp(inputs: int, hidden: int, layers: int) -> nn.Sequential:
+    """Linear-LayerNorm-ReLU blocks and a scalar head. LayerNorm keeps Q bounded off the data, which
+    makes critics trained on a small, shifting replay much more stable (Ball et al. 2023, RLPD)."""
+    blocks, width = [], inputs
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*blocks, nn.Linear(width, 1))
+
+
+class Critics(nn.Module):
+    """Twin Q networks, their Polyak-averaged targets, and V. Inputs are `CriticInputs` features."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.q = nn.ModuleList(mlp(state_dim + action_dim, hidden, layers) for _ in range(2))
+        self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+        self.v = mlp(state_dim, hidden, layers)
+
+    def q_values(self, state: Tensor, action: Tensor, target: bool = False) -> Tensor:
+        """(2, B): both Q networks' (or their targets') values."""
+        x = torch.cat([state, action], dim=-1)
+        return torch.stack([q(x).squeeze(-1) for q in (self.q_target if target else self.q)])
+
+    def value(self, state: Tensor) -> Tensor:
+        return self.v(state).squeeze(-1)
+
+    @torch.no_grad()
+    def update_target(self, polyak: float) -> None:
+        for target, online in zip(self.q_target.parameters(), self.q.parameters()):
+            target.lerp_(online, polyak)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3-5. The losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
+    """mean(|tau - 1(diff < 0)| * diff^2): an asymmetric square whose minimizer over a constant V is the
+    tau-expectile of the targets (diff = target - V; tau = 0.5 gives half the mean squared error)."""
+    weight = torch.where(diff < 0, 1 - expectile, expectile)
+    return (weight * diff.square()).mean()
+
+
+def critic_loss(critics: Critics, config: IQLConfig, state: Tensor, action: Tensor, reward: Tensor,
+                terminal: Tensor, next_state: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """IQL's V and Q losses (summed: they train disjoint networks) and the advantage
+    min_i Qtarget_i(s, a) - V(s) (detached) that weights the actor."""
+    with torch.no_grad():
+        target_q = critics.q_values(state, action, target=True).min(0).values
+        td_target = reward + config.gamma * (1 - terminal.float()) * critics.value(next_state)
+    value = critics.value(state)
+    value_loss = expectile_loss(target_q - value, config.expectile)
+    q = critics.q_values(state, action)
+    q_loss = (q - td_target).square().mean(1).sum()
+    advantage = (target_q - value).detach()
+    metrics = {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "q": q.mean().detach(),
+               "v": value.mean().detach()}
+    return value_loss + q_loss, advantage, metrics
+
+
+def awr_weights(advantage: Tensor, beta: float, max_weight: float) -> Tensor:
+    """exp(beta * advantage), clipped at max_weight (computed in log space so large advantages do not overflow)."""
+    return torch.exp(torch.clamp(beta * advantage, max=math.log(max_weight)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The actor
+# ---------------------------------------------------------------------------------------------------------
+
+
+def actor_loss(log_likelihood: Tensor, weights: Tensor) -> Tensor:
+    """Advantage-weighted behavior cloning: -mean(w * log pi(a | s, z)). The weights are constants: the
+    actor moves toward the data's better actions and never differentiates through the critics."""
+    return -(weights.detach() * log_likelihood).mean()

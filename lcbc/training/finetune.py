@@ -1,0 +1,310 @@
+"""Multi-task RL fine-tuning of an exported policy as a LightningModule: `lcbc finetune`.
+
+The policy's frozen task encoder turns each task's canonical instruction into the task vector, which
+makes the tasks one MDP. Every training step steps all environments once (lcbc.rl.collector, noisy
+policy actions on the training goals), then makes one IQL update (lcbc.rl.iql) on a replay batch that
+mixes demonstrations and online experience (lcbc.rl.replay). The run ends at the environment-step budget;
+the fine-tuned policy is exported in the format it came in.
+
+Lightning gives logging, checkpoints and resume as in behavior cloning. A checkpoint holds the replay
+buffer and the collector's position, so a resumed run goes on at the saved environment step with the same
+data; only the episodes in flight at the save are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from argparse import ArgumentError
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lcbc.envs.instructions import canonical_instruction
+from lcbc.envs.metaworld import benchmark_tasks
+from lcbc.errors import UserError
+from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
+from lcbc.policies.language_policy import LanguagePolicy
+from lcbc.rl.collector import Collector
+from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
+from lcbc.rl.pcgrad import pcgrad_backward
+from lcbc.rl.replay import RelabelConfig, ReplayBuffer
+
+
+class CollectionSteps:
+    """The training "data": one item per collection step, as many as the environment-step budget needs.
+    Its length gives the progress bar a total, and its state lets Lightning resume it mid-epoch."""
+
+    def __init__(self, count: int):
+        self.count, self.done = count, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        while self.done < self.count:
+            self.done += 1
+            yield self.done - 1
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+
+
+class FineTuning(L.LightningModule):
+    """IQL fine-tuning of an exported LanguagePolicy on Meta-World tasks. The YAML config
+    (configs/finetune_mt10.yaml) documents every argument."""
+
+    def __init__(self, policy: str, benchmark: str = "MT10", demos: list[str] | None = None,
+                 total_env_steps: int = 200_000, envs_per_task: int = 2, max_episode_steps: int = 200,
+                 exploration_std: float = 0.1, reward: str = "sparse", relabel: dict | None = None,
+                 replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
+                 actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
+                 beta: float = 10.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
+                 critic_layers: int = 2, actor_lr: float = 1e-4, critic_lr: float = 3e-4,
+                 gradient_clip: float | None = 1.0, pcgrad: bool = False, eval_every: int = 25_000,
+                 eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("total_env_steps", "envs_per_task", "max_episode_steps", "replay_capacity", "batch_size",
+                     "eval_every", "eval_episodes", "eval_envs_per_task"):
+            value = self.hparams[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name}: {value!r} is not a positive integer")
+        self.automatic_optimization = False
+        self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers)
+        self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
+        self.env_steps = 0
+        self.policy: LanguagePolicy | None = None
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.tasks = benchmark_tasks(hp.benchmark)
+        self.policy = LanguagePolicy.from_pretrained(hp.policy)
+        self.policy.task_encoder.requires_grad_(False)
+        # The policy keeps the mode it was exported in (no dropout): its decoded actions are the ones
+        # evaluation sees, and the advantage weights, not noise, decide what it learns.
+        self.policy.eval()
+        self.inputs = CriticInputs(self.policy)
+        self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
+        # What the policy's task encoder takes for each task: the cached embedding of its canonical
+        # instruction (language) or its task id (onehot); `self.task_key` names that batch entry.
+        mode = self.policy.config["task_mode"]
+        if mode == "language":
+            self.task_key = "instruction_vectors"
+            inputs = torch.stack([self.policy.task_encoder.instruction_vector(canonical_instruction(task))
+                                  for task in self.tasks])
+        elif mode == "onehot":
+            self.task_key = "task_id"
+            inputs = torch.tensor([self.policy.task_encoder.task_index(task) for task in self.tasks])
+        else:
+            raise UserError("fine-tuning conditions on tasks; this policy is goal-conditioned")
+        self.register_buffer("task_inputs", inputs, persistent=False)
+        self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
+        self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std, hp.seed)
+        self.actor = PolicyActor(self.policy)
+
+    def on_fit_start(self) -> None:
+        """A fresh run's replay starts with the demonstrations (a resumed one has them in its checkpoint)."""
+        if len(self.replay) == 0:
+            for path in self.hparams.demos or []:
+                self.replay.load_demos(path)
+
+    def on_train_start(self) -> None:
+        if self.env_steps >= self.hparams.total_env_steps:  # resumed with its budget already spent
+            self.trainer.should_stop = True
+
+    def train_dataloader(self) -> CollectionSteps:
+        return CollectionSteps(math.ceil(self.hparams.total_env_steps / len(self.collector.envs)))
+
+    def configure_optimizers(self):
+        """One optimizer, one step per update (so Lightning's global step counts updates): the policy at a
+        fine-tuning rate without weight decay, which would pull the behavior-cloned weights to zero, and
+        the critics at the usual actor-critic rate."""
+        critics = [p for p in self.critics.parameters() if p.requires_grad]
+        return torch.optim.Adam([{"params": self._actor_parameters(), "lr": self.hparams.actor_lr},
+                                 {"params": critics, "lr": self.hparams.critic_lr}])
+
+    def _actor_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lcbc_finetune"] = _tensors({"env_steps": self.env_steps, "replay": self.replay.state_dict(),
+                                                "collector": self.collector.state_dict()})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = _arrays(checkpoint["lcbc_finetune"])
+        self.env_steps = state["env_steps"]
+        self.replay.load_state_dict(state["replay"])
+        self.collector.load_state_dict(state["collector"])
+
+    # ---- one training step: collect, update, evaluate ------------------------------------------------
+
+    def training_step(self, batch: int, batch_idx: int) -> None:
+        hp = self.hparams
+        if self.env_steps == 0:
+            self._evaluate()  # the behavior-cloned policy's success: the baseline of the curve
+        self.env_steps += self.collector.step(self.actor, self.replay)
+        self.log("env_steps", float(self.env_steps), prog_bar=True)
+        if self.collector.recent_successes:
+            self.log("collect/success", self.collector.success_rate, prog_bar=True)
+        if self.env_steps >= hp.learning_starts:
+            self.log_dict(self._update())
+        done = self.env_steps >= hp.total_env_steps
+        if done or self.env_steps // hp.eval_every > (self.env_steps - len(self.collector.envs)) // hp.eval_every:
+            self._evaluate()
+        if done:
+            self.trainer.should_stop = True
+
+    def _update(self) -> dict[str, torch.Tensor]:
+        """One IQL update of the critics and, once `actor_starts` env steps are in, the actor."""
+        hp = self.hparams
+        sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history)
+        batch = {key: torch.as_tensor(value) for key, value in sample.items()}
+        task = {self.task_key: self.task_inputs[batch["task"]]}
+        state = self.inputs.state(batch["obs"], task)
+        next_state = self.inputs.state(batch["next_obs"], task)
+        action = self.inputs.action(batch["action"])
+        loss, advantage, metrics = critic_loss(self.critics, self.iql, state, action, batch["reward"],
+                                               batch["terminal"], next_state)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        metrics = {f"critic/{key}": value for key, value in metrics.items()}
+        metrics.update({"advantage/mean": advantage.mean(), "advantage/std": advantage.std(),
+                        "advantage/max": advantage.max()})
+        if self.env_steps >= hp.actor_starts:
+            metrics.update(self._actor_backward(batch, task, advantage))
+        if hp.gradient_clip:
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], hp.gradient_clip)
+        optimizer.step()
+        self.critics.update_target(self.iql.polyak)
+        return metrics
+
+    def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task)."""
+        hp = self.hparams
+        weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
+        chunk = self.policy.rt1_config.action_chunk
+        actions = torch.zeros(len(weights), chunk, batch["action"].shape[-1])
+        actions[:, 0] = batch["action"]  # the step's action; later chunk steps are masked out
+        action_mask = torch.zeros(len(weights), chunk, dtype=torch.bool)
+        action_mask[:, 0] = True
+        log_likelihood = self.policy.log_likelihood({
+            "obs": self.inputs.observation(batch["obs_window"]), "obs_mask": batch["window_mask"],
+            "actions": actions, "action_mask": action_mask, **task})
+        if hp.pcgrad:
+            losses = [actor_loss(log_likelihood[batch["task"] == t], weights[batch["task"] == t])
+                      for t in torch.unique(batch["task"])]
+            pcgrad_backward(losses, self._actor_parameters())
+            loss = torch.stack(losses).mean().detach()
+        else:
+            loss = actor_loss(log_likelihood, weights)
+            self.manual_backward(loss)
+        return {"actor/loss": loss.detach(), "actor/weight_mean": weights.mean(),
+                "actor/weight_clipped": (weights >= self.iql.max_weight * (1 - 1e-6)).float().mean()}
+
+    def _evaluate(self) -> None:
+        """Success on evaluation goals (seed 1) with the decoded actions, no noise. A copy of the policy runs
+        it, so the collector's per-environment observation history stays intact."""
+        hp = self.hparams
+        result = rollout(PolicyActor(copy.deepcopy(self.policy)), self.tasks, hp.eval_episodes, seed=EVAL_SEED,
+                         envs_per_task=hp.eval_envs_per_task, progress=False)
+        rates = {f"eval/{task}": result.success_rate(task) for task in self.tasks}
+        rates["eval/success"] = float(np.mean(list(rates.values())))
+        rates["env_steps"] = float(self.env_steps)
+        for logger in self.loggers:  # written now: step metrics only reach loggers every log_every_n_steps
+            logger.log_metrics(rates, step=self.global_step)
+        self.log("eval/success", rates["eval/success"], prog_bar=True, logger=False)
+
+    def export_policy(self, directory: str | Path) -> Path:
+        return self.policy.save_pretrained(directory)
+
+
+def _tensors(tree):
+    """numpy arrays -> tensors, through nested dicts: a checkpoint then loads with torch's weights-only
+    unpickler, which refuses numpy arrays."""
+    if isinstance(tree, dict):
+        return {key: _tensors(value) for key, value in tree.items()}
+    return torch.from_numpy(np.ascontiguousarray(tree)) if isinstance(tree, np.ndarray) else tree
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        return {key: _arrays(value) for key, value in tree.items()}
+    return tree.numpy() if isinstance(tree, torch.Tensor) else tree
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI over FineTuning, for a run folder (trainer.default_root_dir): checkpoints/ (the
+    `checkpoint:` section configures them), tensorboard/ and csv/ logs unless the config names loggers,
+    and the exported policy/."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                              compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer")
+        root = trainer.get("default_root_dir") or "."
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        return super().instantiate_trainer(**kwargs)
+
+
+def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = None) -> FinetuneCLI:
+    """The configured module and trainer (nothing runs yet)."""
+    args = ["--config", config, "--model.policy", policy, "--model.benchmark", benchmark]
+    if out:
+        args += ["--trainer.default_root_dir", out]
+    # Lightning warnings that do not apply: these arguments are lcbc's translation of its own command line,
+    # the policy runs in eval mode on purpose (see FineTuning.setup), and a checkpoint is meant to hold the
+    # state after an update, the one to resume from.
+    for message in ("LightningCLI's args parameter", r"Found \d+ module\(s\) in eval mode",
+                    "Using ModelCheckpoint with manual optimization"):
+        warnings.filterwarnings("ignore", message=message)
+    try:
+        # The environment-step budget ends the run (FineTuning.training_step), not a number of epochs.
+        return FinetuneCLI(FineTuning, args=args, run=False, save_config_kwargs={"overwrite": True},
+                           auto_configure_optimizers=False, trainer_defaults={"max_epochs": -1},
+                           parser_kwargs={"exit_on_error": False})
+    except (ArgumentError, MisconfigurationException) as error:  # a config that cannot run
+        raise UserError(f"{config}: {str(error).splitlines()[0]}") from None
+
+
+def run_finetune(config: str, policy: str, benchmark: str, out: str | None = None, resume: bool = False) -> Path:
+    """Fine-tune, then export the policy to <run folder>/policy; `resume` continues from checkpoints/last.ckpt."""
+    torch.set_num_threads(1)  # small batched forward passes and MLPs: one thread is fastest on few cores
+    benchmark_tasks(benchmark)  # a bad task name or policy folder fails before anything is built
+    LanguagePolicy.from_pretrained(policy)
+    if not Path(config).is_file():
+        raise UserError(f"{config}: no such config file")
+    cli = finetune_cli(config, policy, benchmark, out)
+    root = Path(cli.trainer.default_root_dir)
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    if resume and not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: no checkpoint to resume from")
+    # Checkpoints hold tensors and plain data only, so they load without unpickling code.
+    cli.trainer.fit(cli.model, ckpt_path=str(checkpoint) if resume else None, weights_only=True)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=False)  # the end state, for --resume with a larger budget
+    return cli.model.export_policy(root / "policy")

@@ -1,0 +1,208 @@
+"""RL fine-tuning: a short run on two tasks collects, updates, evaluates and exports; resume goes on at the
+saved environment step with the replay intact; the IQL pieces checked by hand; bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_evaluation import trained_policy  # noqa: F401  (fixture: RT-1-tiny cloned from 3 demos a task)
+
+from lcbc.cli import main
+from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
+from lcbc.policies.language_policy import LanguagePolicy
+from lcbc.policies.rt1 import RT1
+from lcbc.rl.iql import awr_weights, expectile_loss
+from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer
+from lcbc.training.finetune import FineTuning, finetune_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = "reach-v3,drawer-open-v3"
+
+
+def write_config(path: Path, demos: Path, total_env_steps: int, pcgrad: bool) -> Path:
+    """A tiny run: 2 environments, updates from the 20th environment step, the actor from the 60th."""
+    path.write_text(f"""
+seed_everything: 0
+trainer: {{accelerator: cpu, devices: 1, log_every_n_steps: 1, enable_progress_bar: false,
+           enable_model_summary: false}}
+checkpoint: {{save_last: true, save_top_k: 0, every_n_train_steps: 20}}
+model:
+  demos: [{demos}]
+  total_env_steps: {total_env_steps}
+  envs_per_task: 1
+  max_episode_steps: 20
+  relabel: {{goal_strategy: future, goal_relabels: 1}}
+  replay_capacity: 2000
+  learning_starts: 20
+  actor_starts: 60
+  batch_size: 32
+  critic_hidden: 32
+  eval_every: 100000
+  eval_episodes: 1
+  eval_envs_per_task: 1
+  pcgrad: {str(pcgrad).lower()}
+""")
+    return path
+
+
+def finetune(policy, config: Path, out: Path, *extra: str) -> None:
+    main(["finetune", "--policy", str(policy), "--benchmark", TASKS, "--config", str(config), "--out", str(out),
+          *extra])
+
+
+def metrics(run: Path) -> dict[str, list[float]]:
+    """The CSV logger's columns, empty cells left out."""
+    with open(run / "csv" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    return {key: [float(row[key]) for row in rows if row[key] != ""] for key in rows[0]}
+
+
+def saved_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def finetuned(trained_policy, metaworld_file, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("finetune")
+    # PCGrad here, plain advantage-weighted updates in the resumed run: both actor updates run.
+    finetune(trained_policy, write_config(out / "config.yaml", metaworld_file, 120, pcgrad=True), out / "run")
+    return out / "run"
+
+
+def test_finetune_collects_updates_evaluates_and_exports(finetuned, trained_policy):  # noqa: F811
+    logged = metrics(finetuned)
+    assert max(logged["env_steps"]) == 120 and 2 in logged["env_steps"]
+    for key in ("collect/success", "critic/q_loss", "critic/value_loss", "advantage/mean", "advantage/std",
+                "actor/loss", "actor/weight_mean", "eval/success", "eval/reach-v3", "eval/drawer-open-v3"):
+        assert logged[key] and all(math.isfinite(value) for value in logged[key]), key
+    assert len(logged["eval/success"]) == 2  # the cloned policy before the first step, and the end
+    assert len(logged["critic/q_loss"]) == (120 - 20) // 2 + 1 and len(logged["actor/loss"]) == (120 - 60) // 2 + 1
+
+    state = saved_state(finetuned)
+    assert state["lcbc_finetune"]["env_steps"] == 120 and state["global_step"] == (120 - 20) // 2 + 1
+    replay = state["lcbc_finetune"]["replay"]
+    online, demos = replay["online"], replay["demos"]
+    assert len(demos["action"]) >= 6 * 40  # the 6 expert demos (reach with its goal relabels)
+    episodes_steps = (online["relabel"] == ORIGINAL).sum().item()
+    assert 120 - 2 * 20 < episodes_steps <= 120  # finished episodes only; the ones in flight are not stored
+    assert (online["relabel"] == GOAL_RELABEL).any()  # HER copies of reach episodes
+
+    exported = LanguagePolicy.from_pretrained(finetuned / "policy")
+    before = LanguagePolicy.from_pretrained(trained_policy)
+    assert exported.config == before.config
+    assert any(not torch.equal(a, b) for a, b in zip(exported.net.parameters(), before.net.parameters()))
+    assert torch.equal(exported.task_encoder.instruction_embeddings, before.task_encoder.instruction_embeddings)
+    exported.reset()
+    assert exported.act({"state": np.zeros(39, np.float32)}, "reach the goal").shape == (4,)
+
+
+def test_resume_continues_at_the_saved_step_with_the_replay_intact(finetuned, trained_policy, metaworld_file,  # noqa: F811
+                                                                   tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finetuned / "checkpoints", run / "checkpoints")
+    saved = saved_state(run)
+    finetune(trained_policy, write_config(tmp_path / "config.yaml", metaworld_file, 160, pcgrad=False), run, "--resume")
+
+    logged = metrics(run)
+    assert min(logged["env_steps"]) == 122 and max(logged["env_steps"]) == 160  # not restarted at 0
+    assert len(logged["eval/success"]) == 1  # only at the end: the start was evaluated before
+    resumed = saved_state(run)
+    assert resumed["global_step"] == saved["global_step"] + 20  # one update per collection step
+    before, after = saved["lcbc_finetune"]["replay"], resumed["lcbc_finetune"]["replay"]
+    for key, column in before["demos"].items():
+        assert torch.equal(after["demos"][key], column), key
+    for key, column in before["online"].items():  # the ring has room: old rows stay, new ones follow
+        assert torch.equal(after["online"][key][:len(column)], column), key
+    assert len(after["online"]["action"]) > len(before["online"]["action"])
+    assert LanguagePolicy.from_pretrained(run / "policy").rt1_config.history == 2
+
+
+def test_expectile_loss_by_hand():
+    diff = torch.tensor([2.0, -1.0])  # target - V
+    assert expectile_loss(diff, 0.8).item() == pytest.approx((0.8 * 4 + 0.2 * 1) / 2)
+    assert expectile_loss(diff, 0.5).item() == pytest.approx(0.5 * (4 + 1) / 2)  # half the squared error
+    # Fit to targets 0 and 1 in equal numbers, V settles at the expectile: tau (1 - v) = (1 - tau) v, v = tau.
+    value = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.SGD([value], lr=0.5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        expectile_loss(torch.tensor([0.0, 1.0]) - value, 0.9).backward()
+        optimizer.step()
+    assert value.item() == pytest.approx(0.9, abs=1e-4)
+
+
+def test_awr_weights_are_exponentiated_advantages_clipped():
+    weights = awr_weights(torch.tensor([0.0, 0.1, -0.2, 5.0, 1e4]), beta=10.0, max_weight=100.0)
+    np.testing.assert_allclose(weights.numpy(), [1.0, math.e, math.exp(-2), 100.0, 100.0], rtol=1e-6)
+
+
+def test_log_likelihood_is_the_cloning_loss_per_sample(trained_policy):  # noqa: F811
+    policy = LanguagePolicy.from_pretrained(trained_policy)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"obs": {"state": torch.randn(5, 2, 39, generator=generator)}, "obs_mask": torch.ones(5, 2, dtype=bool),
+             "actions": torch.rand(5, 1, 4, generator=generator) * 2 - 1, "action_mask": torch.ones(5, 1, dtype=bool),
+             "instruction_id": torch.tensor([0, 1, 0, 1, 0])}
+    with torch.no_grad():
+        log_likelihood = policy.log_likelihood(batch)
+        loss = RT1.loss(policy.logits(batch), policy.action_tokenizer.targets(batch["actions"]), batch["action_mask"])
+    assert log_likelihood.shape == (5,)
+    assert (-log_likelihood.mean() / 4).item() == pytest.approx(loss.item(), rel=1e-5)  # mean over 4 action dims
+
+
+def test_replay_windows_are_the_episode_frames_with_the_row_goal():
+    goal = goal_for_episode("reach-v3", 0, 0)
+    env = MetaWorldEnv("reach-v3", goal=goal)
+    env.reset()
+    states, actions = [env.simulator_state()], np.random.default_rng(0).uniform(-1, 1, (12, 4))
+    for action in actions:
+        env.step(action)
+        states.append(env.simulator_state())
+    buffer = ReplayBuffer(["reach-v3"], 100, RelabelConfig(goal_strategy="future", goal_relabels=1))
+    buffer.add_episode("reach-v3", goal, np.array(states), actions)
+    batch = buffer.sample(64, history=3)
+    original = buffer.transitions()["obs"][:12]  # the episode's own rows, steps 0-11
+    assert batch["obs_window"].shape == (64, 3, 39) and batch["window_mask"].shape == (64, 3)
+    np.testing.assert_array_equal(batch["obs_window"][:, -1], batch["obs"])
+    for row in range(64):
+        step = batch["step"][row]
+        np.testing.assert_array_equal(batch["window_mask"][row], [step >= 2, step >= 1, True])
+        for k in (1, 2):
+            frame = batch["obs_window"][row, -1 - k]
+            expected = original[max(step - k, 0)]
+            np.testing.assert_array_equal(frame[:-3], expected[:-3])
+            np.testing.assert_allclose(frame[-3:], batch["obs"][row, -3:])  # the row's goal, relabeled or not
+
+
+def test_every_finetune_config_instantiates(tmp_path):
+    for config in sorted((ROOT / "configs").glob("finetune_*.yaml")):
+        cli = finetune_cli(str(config), "runs/some_policy", "MT10", str(tmp_path))
+        assert isinstance(cli.model, FineTuning) and cli.model.hparams.benchmark == "MT10", config
+        assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+        assert {type(logger).__name__ for logger in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
+
+
+@pytest.mark.parametrize("policy, benchmark, config, message", [
+    ("missing", "reach-v3", None, "not an exported policy"),
+    (None, "reach-v3,fly-v3", None, "unknown Meta-World task"),
+    (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
+    (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
+])
+def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
+                                         tmp_path, capsys):
+    policy = str(tmp_path / policy) if policy else str(trained_policy)
+    path = ROOT / "configs" / "finetune_mt10.yaml"
+    if config:
+        path = tmp_path / "config.yaml"
+        path.write_text(config)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--policy", policy, "--benchmark", benchmark, "--config", str(path),
+              "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
