@@ -80,7 +80,8 @@ def test_policy_act_batch_keeps_per_environment_history(trained_policy):
     for env, text in enumerate(["open the drawer", "reach the goal"]):
         policy.reset()
         single = [policy.act({"state": frames[t, env]}, text) for t in range(3)]
-        np.testing.assert_array_equal(np.stack(single), np.stack(batched)[:, env])
+        # Equal up to float rounding: decoding averages the bins around the mode, batch sizes differ.
+        np.testing.assert_allclose(np.stack(single), np.stack(batched)[:, env], rtol=0, atol=1e-6)
 
 
 def test_readme_python_snippet_runs(trained_policy, capsys):

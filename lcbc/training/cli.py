@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lcbc.data.datamodule import DemoDataModule
 from lcbc.errors import UserError
 from lcbc.training.bc import BehaviorCloning
 
 
-class LcbcCLI(LightningCLI):
+class RunFolderCLI(LightningCLI):
+    """A LightningCLI whose run lives in one folder, trainer.default_root_dir: checkpoints/ (set up by the
+    config's `checkpoint:` section), and tensorboard/ and csv/ logs unless the config names loggers. A run
+    then moves with one flag, --trainer.default_root_dir, and `--ckpt_path last` finds its checkpoint."""
+
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                              compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer")
+        root = trainer.get("default_root_dir") or "."
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        return super().instantiate_trainer(**kwargs)
+
+
+class LcbcCLI(RunFolderCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         # The policy declares the windows it needs; the data builds them.
         parser.link_arguments("model.history", "data.history")
         parser.link_arguments("model.action_chunk", "data.action_chunk")

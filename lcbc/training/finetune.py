@@ -23,9 +23,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import benchmark_tasks
@@ -36,6 +33,7 @@ from lcbc.rl.collector import Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import RelabelConfig, ReplayBuffer
+from lcbc.training.cli import RunFolderCLI
 
 
 class CollectionSteps:
@@ -254,22 +252,8 @@ def _arrays(tree):
 # ---- the command ------------------------------------------------------------------------------------
 
 
-class FinetuneCLI(LightningCLI):
-    """LightningCLI over FineTuning, for a run folder (trainer.default_root_dir): checkpoints/ (the
-    `checkpoint:` section configures them), tensorboard/ and csv/ logs unless the config names loggers,
-    and the exported policy/."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
-                              compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
-
-    def instantiate_trainer(self, **kwargs):
-        trainer = self._get(self.config_init, "trainer")
-        root = trainer.get("default_root_dir") or "."
-        if trainer.get("logger") in (None, True):
-            kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
-        return super().instantiate_trainer(**kwargs)
+class FinetuneCLI(RunFolderCLI):
+    """LightningCLI over FineTuning, for a run folder: checkpoints/, logs and the exported policy/."""
 
 
 def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = None) -> FinetuneCLI:
