@@ -160,7 +160,8 @@ def cmd_conflicts(args) -> None:
 def cmd_finetune(args) -> None:
     from lcbc.training.finetune import run_finetune
 
-    out = run_finetune(args.config, args.policy, args.benchmark, args.out, resume=args.resume)
+    out = run_finetune(args.config, args.policy, args.benchmark, args.out, resume=args.resume,
+                       overrides=args.overrides)
     print(f"fine-tuned policy exported to {out}")
 
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", help="run folder: checkpoints, logs and policy/ (default: the config's "
                           "trainer.default_root_dir)")
     finetune.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/last.ckpt")
+    finetune.add_argument("overrides", nargs="*", help="after --: config overrides in LightningCLI form, "
+                          "e.g. -- --model.total_env_steps 100000")
     finetune.set_defaults(run=cmd_finetune)
 
     from lcbc.serving.server import add_serve_parser

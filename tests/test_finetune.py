@@ -185,6 +185,9 @@ def test_every_finetune_config_instantiates(tmp_path):
         assert isinstance(cli.model, FineTuning) and cli.model.hparams.benchmark == "MT10", config
         assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
         assert {type(logger).__name__ for logger in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
+    overridden = finetune_cli(str(config), "runs/some_policy", "MT10", str(tmp_path),
+                              overrides=["--model.total_env_steps", "1234"])
+    assert overridden.model.hparams.total_env_steps == 1234
 
 
 @pytest.mark.parametrize("policy, benchmark, config, message", [

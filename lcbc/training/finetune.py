@@ -256,11 +256,13 @@ class FinetuneCLI(RunFolderCLI):
     """LightningCLI over FineTuning, for a run folder: checkpoints/, logs and the exported policy/."""
 
 
-def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = None) -> FinetuneCLI:
-    """The configured module and trainer (nothing runs yet)."""
+def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = None,
+                 overrides: list[str] | None = None) -> FinetuneCLI:
+    """The configured module and trainer (nothing runs yet); `overrides` are LightningCLI arguments."""
     args = ["--config", config, "--model.policy", policy, "--model.benchmark", benchmark]
     if out:
         args += ["--trainer.default_root_dir", out]
+    args += overrides or []
     # Lightning warnings that do not apply: these arguments are lcbc's translation of its own command line,
     # the policy runs in eval mode on purpose (see FineTuning.setup), and a checkpoint is meant to hold the
     # state after an update, the one to resume from.
@@ -276,14 +278,15 @@ def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = Non
         raise UserError(f"{config}: {str(error).splitlines()[0]}") from None
 
 
-def run_finetune(config: str, policy: str, benchmark: str, out: str | None = None, resume: bool = False) -> Path:
+def run_finetune(config: str, policy: str, benchmark: str, out: str | None = None, resume: bool = False,
+                 overrides: list[str] | None = None) -> Path:
     """Fine-tune, then export the policy to <run folder>/policy; `resume` continues from checkpoints/last.ckpt."""
     torch.set_num_threads(1)  # small batched forward passes and MLPs: one thread is fastest on few cores
     benchmark_tasks(benchmark)  # a bad task name or policy folder fails before anything is built
     LanguagePolicy.from_pretrained(policy)
     if not Path(config).is_file():
         raise UserError(f"{config}: no such config file")
-    cli = finetune_cli(config, policy, benchmark, out)
+    cli = finetune_cli(config, policy, benchmark, out, overrides)
     root = Path(cli.trainer.default_root_dir)
     checkpoint = root / "checkpoints" / "last.ckpt"
     if resume and not checkpoint.is_file():
