@@ -153,7 +153,7 @@ def cmd_conflicts(args) -> None:
     tasks, matrix = gradient_conflicts(_load_policy(args.policy), args.data, batches=args.batches,
                                        batch_size=args.batch_size, seed=args.seed)
     write_conflicts(tasks, matrix, args.out)
-    Console().print(conflicts_markdown(tasks, matrix))
+    print(conflicts_markdown(tasks, matrix))
     print(f"heatmap {args.out}/conflicts.png, tables {args.out}/conflicts.md and conflicts.json")
 
 
