@@ -130,9 +130,8 @@ class LanguagePolicy(nn.Module):
         """Per-sample log-likelihood of the batch's actions, (B,): minus the cross-entropy of their target
         bins (the training loss's own term), summed over action dimensions and real chunk steps. RL's
         advantage-weighted actor update weighs these per transition."""
-        logits = self.logits(batch)
-        log_probs = (self.action_tokenizer.targets(batch["actions"]) * logits.float().log_softmax(-1)).sum(-1)
-        return (log_probs.sum(-1) * batch["action_mask"]).sum(-1)
+        cross_entropy = RT1.cross_entropy(self.logits(batch), self.action_tokenizer.targets(batch["actions"]))
+        return -(cross_entropy.sum(-1) * batch["action_mask"]).sum(-1)
 
     @torch.inference_mode()
     def predict(self, batch: dict) -> torch.Tensor:

@@ -554,12 +554,18 @@ class RT1(nn.Module):
         return logits.view(B, c.action_chunk, c.action_dim, c.num_bins)
 
     @staticmethod
+    def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-entry cross-entropy (B, K, A) of logits (B, K, A, bins) against target distributions over
+        bins (ActionTokenizer.targets)."""
+        return -(targets * logits.float().log_softmax(-1)).sum(-1)
+
+    @staticmethod
     def loss(logits: Tensor, targets: Tensor, action_mask: Tensor) -> Tensor:
         """Masked mean cross-entropy over real (batch, chunk) entries and all action dimensions.
 
         logits (B, K, A, bins); targets (B, K, A, bins), a distribution over bins (ActionTokenizer.targets);
         action_mask (B, K) bool, True = real action (chunk steps past the episode end are False).
         """
-        ce = -(targets * logits.float().log_softmax(-1)).sum(-1)  # (B, K, A)
+        ce = RT1.cross_entropy(logits, targets)
         weights = action_mask.to(ce.dtype)[..., None].expand_as(ce)
         return (ce * weights).sum() / weights.sum().clamp_min(1.0)
