@@ -21,11 +21,14 @@ def cmd_collect(args) -> None:
     from lcbc.envs.collect import collect
     from lcbc.envs.metaworld import benchmark_tasks
 
+    if args.steps_after_success < 0:
+        raise UserError(f"--steps-after-success must be >= 0, got {args.steps_after_success}")
     tasks = benchmark_tasks(args.benchmark)
     camera = args.camera if args.obs in ("rgb", "both") else None
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
     report = collect(args.out, tasks, args.episodes_per_task, seed=args.seed, camera=camera,
-                     image_size=args.image_size, workers=args.workers, mode=mode)
+                     image_size=args.image_size, workers=args.workers, mode=mode,
+                     steps_after_success=args.steps_after_success)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
     for task in tasks:
         table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--out", required=True)
     collect.add_argument("--seed", type=int, default=0, help="benchmark seed: picks the goal variations")
     collect.add_argument("--workers", type=int, default=2)
+    collect.add_argument("--steps-after-success", type=int, default=20,
+                         help="keep each demo going this many steps past the first success (default 20: "
+                              "the demos show finishing and holding still)")
     existing = collect.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     existing.add_argument("--resume", action="store_true", help="add the missing episodes to an existing file")

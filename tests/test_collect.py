@@ -44,6 +44,35 @@ def test_small_real_collection(metaworld_file):
     assert dataset.tasks == ["drawer-open-v3", "reach-v3"]
 
 
+def test_steps_after_success_extend_the_same_episode():
+    from lcbc.envs.collect import rollout_expert
+    from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
+
+    env = MetaWorldEnv("reach-v3", seed=0, episode=0)
+    episodes = []
+    for extra in (0, 7):
+        env.set_goal(goal_for_episode("reach-v3", 0, 0))
+        episodes.append(rollout_expert(env, scripted_expert("reach-v3"), steps_after_success=extra))
+    env.close()
+    (short, short_success), (long, long_success) = episodes
+    assert short_success and long_success
+    assert len(long["actions"]) == len(short["actions"]) + 7
+    np.testing.assert_array_equal(long["actions"][: len(short["actions"])], short["actions"])
+    assert long["dones"].sum() == 1 and long["dones"][-1] == 1
+
+
+def test_collect_cli_defaults_match_the_collector_and_reject_negative_steps(tmp_path, capsys):
+    from lcbc.cli import build_parser
+    from lcbc.envs.collect import STEPS_AFTER_SUCCESS
+
+    args = build_parser().parse_args(["collect", "--benchmark", "reach-v3", "--out", "x.hdf5"])
+    assert args.steps_after_success == STEPS_AFTER_SUCCESS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "--benchmark", "reach-v3", "--out", str(tmp_path / "x.hdf5"), "--steps-after-success", "-1"])
+    assert exit_info.value.code == 2 and "--steps-after-success" in capsys.readouterr().err
+    assert not (tmp_path / "x.hdf5").exists()
+
+
 def test_collect_refuses_to_overwrite_and_resumes(metaworld_file, tmp_path, capsys):
     import shutil
 

@@ -21,18 +21,25 @@ from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
 
 
+# Demos go on this many steps past the first success. Meta-World counts a reach within 5 cm as success,
+# so a demo cut there never shows the last 5 cm or holding still at the goal; with these steps a policy
+# cloned from 50 demos a task reaches unseen goals far more often (see docs/RESULTS.md).
+STEPS_AFTER_SUCCESS = 20
+
+
 @dataclass
 class CollectionReport:
     attempts: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
 
 
-def rollout_expert(env: MetaWorldEnv, expert) -> tuple[dict, bool]:
-    """One expert episode; stops at the first success or when Meta-World truncates."""
+def rollout_expert(env: MetaWorldEnv, expert, steps_after_success: int = STEPS_AFTER_SUCCESS) -> tuple[dict, bool]:
+    """One expert episode; stops `steps_after_success` steps after the first success (so the demo also
+    shows what the expert does once the task is done: hold, not wander off) or when Meta-World truncates."""
     low, high = env.action_space.low, env.action_space.high
     obs, _ = env.reset()
     steps: dict[str, list] = {"actions": [], "rewards": [], "states": [], **{f"obs/{k}": [] for k in obs}}
-    success = False
+    success, remaining = False, steps_after_success
     while True:
         action = np.clip(expert.get_action(obs["state"]), low, high)
         steps["states"].append(env.simulator_state())
@@ -41,9 +48,11 @@ def rollout_expert(env: MetaWorldEnv, expert) -> tuple[dict, bool]:
         steps["actions"].append(action)
         obs, reward, terminated, truncated, info = env.step(action)
         steps["rewards"].append(reward)
-        if info["success"]:
-            success = True
-            break
+        success = success or bool(info["success"])
+        if success:
+            if remaining == 0:
+                break
+            remaining -= 1
         if terminated or truncated:
             break
     arrays = {key: np.asarray(values) for key, values in steps.items()}
@@ -56,7 +65,7 @@ def rollout_expert(env: MetaWorldEnv, expert) -> tuple[dict, bool]:
 
 
 def collect_task(task: str, episodes: int, seed: int, camera: str | None, image_size: int,
-                 done_episodes: frozenset[int], emit: Callable) -> None:
+                 steps_after_success: int, done_episodes: frozenset[int], emit: Callable) -> None:
     """Roll out the expert on new goals of `task` until `episodes` successes; emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
     try:
@@ -67,7 +76,7 @@ def collect_task(task: str, episodes: int, seed: int, camera: str | None, image_
         while kept < episodes and episode < max_episode:
             if episode not in done_episodes:
                 env.set_goal(goal_for_episode(task, seed, episode))
-                arrays, success = rollout_expert(env, expert)
+                arrays, success = rollout_expert(env, expert, steps_after_success)
                 attempts += 1
                 if success:
                     kept += 1
@@ -85,17 +94,20 @@ def _queue_worker(args) -> None:
 
 
 def collect(out: str, tasks: list[str], episodes_per_task: int, seed: int = 0, camera: str | None = None,
-            image_size: int = 64, workers: int = 1, mode: str = "create") -> CollectionReport:
+            image_size: int = 64, workers: int = 1, mode: str = "create",
+            steps_after_success: int = STEPS_AFTER_SUCCESS) -> CollectionReport:
     """Collect `episodes_per_task` successful expert demos per task into `out`."""
     env_args = {"env_name": "metaworld", "env_type": "metaworld",
-                "env_kwargs": {"tasks": tasks, "camera": camera, "image_size": image_size, "seed": seed}}
+                "env_kwargs": {"tasks": tasks, "camera": camera, "image_size": image_size, "seed": seed,
+                                "steps_after_success": steps_after_success}}
     report = CollectionReport()
     with DemoWriter(out, env_args, mode=mode) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and int(attrs.get("seed", -1)) == seed:
                 done[attrs["task"]].add(int(attrs["episode"]))
-        jobs = [(task, episodes_per_task, seed, camera, image_size, frozenset(done[task])) for task in tasks]
+        jobs = [(task, episodes_per_task, seed, camera, image_size, steps_after_success, frozenset(done[task]))
+                for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:
