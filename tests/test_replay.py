@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from lcbc.envs.collect import STEPS_AFTER_SUCCESS
 from lcbc.envs.metaworld import (
     MetaWorldEnv,
     goal_for_episode,
@@ -202,8 +203,11 @@ def test_demos_are_rescored_kept_apart_from_the_ring_and_sampled_in_proportion(m
             assert buffer.tasks[original["task"][0]] == group.attrs["task"]
             # Rebuilt from the stored simulator states, the observations are the file's.
             np.testing.assert_allclose(original["obs"], group["obs/state"][()], atol=1e-3)
-            # The expert's demos end at their first success, the last state simulated again from the file.
-            assert original["terminal"][-1] and original["reward"][-1] == 1.0 and not original["terminal"][:-1].any()
+            # The expert's demos go on STEPS_AFTER_SUCCESS steps past their first success (the last state
+            # simulated again from the file): success, and so the sparse reward, starts exactly there.
+            first_success = np.flatnonzero(original["terminal"])[0]
+            assert first_success == len(original["terminal"]) - 1 - STEPS_AFTER_SUCCESS and original["terminal"][-1]
+            np.testing.assert_array_equal(original["reward"], original["terminal"])
             kinds = set(demos["relabel"][demos["episode"] == number])
             relabel = GOAL_RELABEL if group.attrs["task"] == "reach-v3" else TASK_RELABEL  # to drawer-close
             assert kinds == {ORIGINAL, relabel}
