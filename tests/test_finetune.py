@@ -17,8 +17,9 @@ from lcbc.cli import main
 from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
+from lcbc.rl.collector import exploration_goal
 from lcbc.rl.iql import awr_weights, expectile_loss
-from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer
+from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
 from lcbc.training.finetune import FineTuning, finetune_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,9 +138,22 @@ def test_expectile_loss_by_hand():
     assert value.item() == pytest.approx(0.9, abs=1e-4)
 
 
-def test_awr_weights_are_exponentiated_advantages_clipped():
-    weights = awr_weights(torch.tensor([0.0, 0.1, -0.2, 5.0, 1e4]), beta=10.0, max_weight=100.0)
-    np.testing.assert_allclose(weights.numpy(), [1.0, math.e, math.exp(-2), 100.0, 100.0], rtol=1e-6)
+def test_exploration_goals_are_new_every_episode_and_never_evaluations():
+    scenes = [tuple(scene_of(exploration_goal("reach-v3", number))) for number in range(150)]
+    evaluation = {tuple(scene_of(goal_for_episode("reach-v3", 1, number))) for number in range(50)}
+    assert len(set(scenes)) == 150 and not evaluation & set(scenes)
+    # The demonstrations' goals (seed 0) come first.
+    assert scenes[:50] == [tuple(scene_of(goal_for_episode("reach-v3", 0, number))) for number in range(50)]
+
+
+def test_awr_weights_are_exponentiated_advantages_over_their_spread_clipped():
+    advantage = torch.tensor([0.0, 0.1, -0.2, 5.0, 1e4])
+    std = advantage.std().item()
+    weights = awr_weights(advantage, beta=3.0, max_weight=100.0)  # exp(3 * 1e4 / std) ~ 800: clipped
+    expected = [1.0, math.exp(3 * 0.1 / std), math.exp(-3 * 0.2 / std), math.exp(3 * 5.0 / std), 100.0]
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5)
+    # Only the spread matters: the same advantages at a hundredth of the scale weigh the same.
+    np.testing.assert_allclose(awr_weights(advantage / 100, 3.0, 100.0).numpy(), weights.numpy(), rtol=1e-4)
 
 
 def test_log_likelihood_is_the_cloning_loss_per_sample(trained_policy):  # noqa: F811

@@ -1,7 +1,8 @@
 """Online experience for RL fine-tuning: many Meta-World envs stepped together, one batched policy call.
 
-Every task gets `envs_per_task` environments. Each runs training goals (benchmark seed 0, the goals the
-demonstrations came from; evaluation uses seed 1) one episode after another, and a finished episode
+Every task gets `envs_per_task` environments. Each runs one episode after another, every one on a new
+goal (`exploration_goal`: seed 0's, where the demonstrations came from, then seeds 2, 3, ...; never
+seed 1's, which evaluation uses), and a finished episode
 goes to the replay buffer as its simulator states and actions (the buffer recomputes observations and
 rewards from them). An episode ends at the first success (as demonstrations and evaluation episodes
 do), or after `max_episode_steps`, a time limit that is not terminal for the critics.
@@ -21,9 +22,19 @@ import numpy as np
 
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import GOALS_PER_SEED, MetaWorldEnv, goal_for_episode
-from lcbc.evaluation.rollout import Job, PolicyActor
+from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
 
 TRAIN_SEED = 0
+
+
+def exploration_goal(task: str, number: int):
+    """The goal of a task's `number`-th exploration episode. Cycling through the demonstrations' 50 goals
+    would teach the policy those 50 goals only (cloning from 50 goals already generalizes poorly to new
+    ones in reach, push and pick-place); fresh goals each episode make acting on new goals the training
+    data. Evaluation's goals stay unseen."""
+    if number < GOALS_PER_SEED:
+        return goal_for_episode(task, TRAIN_SEED, number)
+    return goal_for_episode(task, EVAL_SEED + 1, number - GOALS_PER_SEED)
 
 
 @dataclass
@@ -57,7 +68,7 @@ class Collector:
         env = self.envs[i]
         number = self.episodes_started[env.task]
         self.episodes_started[env.task] += 1
-        goal = goal_for_episode(env.task, TRAIN_SEED, number % GOALS_PER_SEED)  # cycle through seed 0's goals
+        goal = exploration_goal(env.task, number)
         env.set_goal(goal)
         self._observations[i], _ = env.reset()
         self._episodes[i] = Episode(env.task, number, goal, [env.simulator_state()])

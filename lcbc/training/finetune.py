@@ -67,7 +67,7 @@ class FineTuning(L.LightningModule):
                  exploration_std: float = 0.1, reward: str = "sparse", relabel: dict | None = None,
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
-                 beta: float = 10.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
+                 beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
