@@ -4,8 +4,8 @@ Every task gets `envs_per_task` environments. Each runs one episode after anothe
 goal (`exploration_goal`: seed 0's, where the demonstrations came from, then seeds 2, 3, ...; never
 seed 1's, which evaluation uses), and a finished episode
 goes to the replay buffer as its simulator states and actions (the buffer recomputes observations and
-rewards from them). An episode ends at the first success (as demonstrations and evaluation episodes
-do), or after `max_episode_steps`, a time limit that is not terminal for the critics.
+rewards from them). An episode ends at the first success (as evaluation episodes do), or after
+`max_episode_steps`, a time limit that is not terminal for the critics.
 
 Exploration: the policy's decoded action plus Gaussian noise of `exploration_std`, clipped to the action
 space. Sampling the policy's own bin distribution would barely explore: behavior cloning of

@@ -44,7 +44,7 @@ class IQLConfig:
     gamma: float = 0.99  # discount
     expectile: float = 0.9  # tau of the V regression; 0.5 = mean (SARSA-like), -> 1 = max over data actions
     beta: float = 1.0  # inverse temperature of the advantage weights, per batch standard deviation of A
-    max_weight: float = 100.0  # clip of exp(beta * advantage), so one lucky transition cannot dominate
+    max_weight: float = 100.0  # clip of the weights, so one lucky transition cannot dominate
     polyak: float = 0.005  # rate of the target Q networks
     hidden: int = 256  # critic MLP width
     layers: int = 2  # critic MLP hidden layers

@@ -208,7 +208,8 @@ class ReplayBuffer:
     """Transitions of all tasks: a ring of `capacity` online transitions and a demo part it never overwrites.
 
     Columns: obs, next_obs (39-d, float32), action (4), reward, terminal (success for the transition's
-    task and goal: lcbc's episodes end at the first success; a time limit is never terminal), task
+    task and goal: every step from the first success on, including a demo's steps past it; a time limit
+    is never terminal), task
     (index into `tasks`), goal (the goal the reward was computed with, float64), sim_state (after the
     step, padded with zeros to the largest task's size), episode, step, source (ONLINE, DEMO) and
     relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL).
