@@ -91,6 +91,66 @@ def test_task_and_instruction_ids(tmp_path):
     assert "open the drawer" in first and len(first) == 3 and "reach" not in first
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
+    from lcbc.envs.metaworld import FINGERTIP_OFFSET
+
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(6, 6, 6), state_dim=10, instructions=["x"],
+                           tasks=["reach-v3", "push-v3", "drawer-open-v3"])
+    ds = DemoDataset(path, history=2, relabel_state_goals=share)
+    # Dimension k of global step g holds g + 1000 k, so every number says where it was read from.
+    ds.low_dim["state"] = np.arange(len(ds))[:, None] + 1000.0 * np.arange(10)
+    stored = ds.low_dim["state"].copy()
+    torch.manual_seed(0)
+    steps = np.repeat(np.arange(len(ds)), 40)
+    state = ds.__getitems__(steps)["obs"]["state"].numpy()
+    history = ds.window_indices(steps)["history"]
+    np.testing.assert_array_equal(state[..., :7], stored[history, :7])  # only the goal changes
+    # reach: the fingertips below the hand (dims 0-2); push: the object (dims 4-6).
+    achieved = {"reach-v3": (0, np.array(FINGERTIP_OFFSET)), "push-v3": (4, np.zeros(3))}
+    relabeled = np.zeros(len(steps), bool)
+    for i, step in enumerate(steps):
+        demo = ds.step_demo[step]
+        goal = state[i, :, 7:]
+        if not np.array_equal(goal, stored[history[i], 7:]):
+            relabeled[i] = True
+            source, offset = achieved[ds.tasks[ds.demo_task[demo]]]
+            later = round(goal[0, 0] - offset[0] - 1000 * source)
+            assert step < later < ds.demo_end[demo]  # a later step of the same demo
+            expected = stored[later, source:source + 3] + offset
+            np.testing.assert_allclose(goal, np.tile(expected, (2, 1)), rtol=0, atol=1e-3)
+    eligible = np.isin(ds.step_demo[steps], [0, 1]) & (steps < ds.demo_end[ds.step_demo[steps]] - 1)
+    assert not relabeled[~eligible].any()  # drawer-open, and the last step of every demo, keep their goal
+    assert relabeled[eligible].mean() == pytest.approx(share, abs=0.06)
+    np.testing.assert_array_equal(ds.low_dim["state"], stored)  # the loaded data is never overwritten
+    with pytest.raises(UserError, match="relabel_state_goals"):
+        DemoDataset(path, relabel_state_goals=1.5)
+
+
+def test_ignored_objects_come_from_random_demos_of_the_same_task(tmp_path):
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(4, 4, 4, 4), state_dim=39, instructions=["x"],
+                           tasks=["reach-v3", "push-v3"])
+    ds = DemoDataset(path, history=2, shuffle_ignored_objects=True)
+    ds.low_dim["state"] = np.arange(len(ds))[:, None] + 1000.0 * np.arange(39)  # g + 1000 k, as above
+    stored = ds.low_dim["state"].copy()
+    torch.manual_seed(0)
+    steps = np.repeat(np.arange(len(ds)), 30)
+    state = ds.__getitems__(steps)["obs"]["state"].numpy()
+    expected = stored[ds.window_indices(steps)["history"]]
+    objects = np.r_[4:18, 22:36]
+    kept = np.setdiff1d(np.arange(39), objects)
+    np.testing.assert_array_equal(state[..., kept], expected[..., kept])
+    reach = ds.demo_task[ds.step_demo[steps]] == ds.tasks.index("reach-v3")
+    np.testing.assert_array_equal(state[~reach], expected[~reach])  # push needs its own object
+    donors = state[reach][:, :, 4] - 4000  # the step each window's object was read from
+    assert (donors == donors[:, :1]).all()  # one donor step for every frame and every span
+    np.testing.assert_array_equal(state[reach][..., objects], stored[donors.astype(int)][..., objects])
+    donor_demos = ds.step_demo[donors[:, 0].astype(int)]
+    assert {ds.tasks[ds.demo_task[d]] for d in donor_demos} == {"reach-v3"}
+    assert (donor_demos != ds.step_demo[steps[reach]]).mean() > 0.3  # mostly another demo's object
+    np.testing.assert_array_equal(ds.low_dim["state"], stored)
+
+
 def test_statistics_and_clipping(demo_file):
     ds = DemoDataset(demo_file, clip_actions=0.5)
     stats = ds.statistics()

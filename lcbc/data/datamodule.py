@@ -20,6 +20,9 @@ class DemoDataModule(L.LightningDataModule):
         history, action_chunk: window sizes; `lcbc fit` links them to the policy's config.
         goal, goal_max_distance: hindsight goal relabeling (none, future, segment_end, final).
         train_paraphrases: how many of a Meta-World task's paraphrases training samples from.
+        relabel_state_goals: share of training windows of Meta-World reach, push and pick-place whose
+            goal is replaced by a position the demo reaches later (see DemoDataset).
+        shuffle_ignored_objects: give Meta-World reach's training windows the puck of another demo.
         instruction: instruction for files that carry none (e.g. robomimic files).
         val_fraction: share of episodes held out when a file has no mask/train and mask/valid.
     """
@@ -27,6 +30,7 @@ class DemoDataModule(L.LightningDataModule):
     def __init__(self, paths: list[str] | str, weights: list[float] | None = None,
                  obs_keys: list[str] | None = None, history: int = 1, action_chunk: int = 1,
                  goal: str = "none", goal_max_distance: int | None = None, train_paraphrases: int = 0,
+                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
                  instruction: str | None = None, val_fraction: float = 0.05, batch_size: int = 256,
                  num_workers: int = 0, cache_images: bool = False, seed: int = 0):
         super().__init__()
@@ -37,20 +41,22 @@ class DemoDataModule(L.LightningDataModule):
         self.train_set: DemoDataset | None = None
         self.valid_set: DemoDataset | None = None
 
-    def _dataset(self, demos, train_paraphrases: int, vocabulary: DemoDataset | None) -> DemoDataset:
+    def _dataset(self, demos, train_paraphrases: int, augment: bool, vocabulary: DemoDataset | None) -> DemoDataset:
         hp = self.hparams
         return DemoDataset(self.paths, demos=demos, obs_keys=hp.obs_keys, history=hp.history,
                            action_chunk=hp.action_chunk, goal=hp.goal, goal_max_distance=hp.goal_max_distance,
                            instruction=hp.instruction, train_paraphrases=train_paraphrases,
                            cache_images=hp.cache_images, tasks=vocabulary and vocabulary.tasks,
-                           instructions=vocabulary and vocabulary.instructions)
+                           instructions=vocabulary and vocabulary.instructions,
+                           relabel_state_goals=hp.relabel_state_goals if augment else 0.0,
+                           shuffle_ignored_objects=hp.shuffle_ignored_objects and augment)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         train, valid = split_demos(self.paths, self.hparams.val_fraction, self.hparams.seed)
-        self.valid_set = self._dataset(valid, 0, None) if valid else None
-        self.train_set = self._dataset(train, self.hparams.train_paraphrases, self.valid_set)
+        self.valid_set = self._dataset(valid, 0, False, None) if valid else None
+        self.train_set = self._dataset(train, self.hparams.train_paraphrases, True, self.valid_set)
 
     def _loader(self, dataset: DemoDataset, sampler) -> torch.utils.data.DataLoader:
         batch_sampler = torch.utils.data.BatchSampler(sampler, self.hparams.batch_size, drop_last=False)

@@ -6,6 +6,16 @@ an action chunk of `action_chunk` steps starting at g (padded at the end with `a
 the task id, an instruction id, and optionally a goal: the observation at a later step of the same
 demo (hindsight relabeling), so every intermediate state serves as a goal.
 
+Meta-World states carry their goal in the last 3 numbers. For tasks whose goal is a free point that
+success measures one thing's distance to (ACHIEVED_GOAL_IN_STATE: reach's fingertips, push's and
+pick-place's object), `relabel_state_goals` replaces it in a share of the training windows by where
+that thing is at a later step of the same demo: the actions up to there lead to it, so a few demos
+teach many goals instead of their own few. For reach this also corrects the expert, which drives the
+hand, not the fingertips 4.5 cm below it, onto the goal and so succeeds with half a centimetre to spare.
+`shuffle_ignored_objects` gives every training window of a task whose expert ignores an object the state
+shows (IGNORED_OBJECTS_IN_STATE: reach's puck) that object as another demo of the task had it, so the
+policy cannot tell demos apart by it and has to read the goal.
+
 Low-dimensional arrays of all demos are read into memory once and concatenated; images stay on disk
 and are read lazily, one contiguous slice per demo per batch, unless `cache_images` is set. A batch
 is gathered with vectorized indexing through `__getitems__`, which torch's DataLoader calls with the
@@ -66,7 +76,8 @@ class DemoDataset(torch.utils.data.Dataset):
                  goal: str = "none", goal_max_distance: int | None = None,
                  instruction: str | None = None, train_paraphrases: int = 0,
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
-                 tasks: list[str] | None = None, instructions: list[str] | None = None):
+                 tasks: list[str] | None = None, instructions: list[str] | None = None,
+                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False):
         """`demos` come from `split_demos` (which validates the files); without them every demo of the
         validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
         training split (which extends the validation vocabulary) agree on ids."""
@@ -75,6 +86,9 @@ class DemoDataset(torch.utils.data.Dataset):
             raise UserError(f"history ({history}) and action_chunk ({action_chunk}) must be at least 1")
         if goal not in GOAL_MODES:
             raise UserError(f"goal: {goal!r} is not one of {', '.join(GOAL_MODES)}")
+        if not 0 <= relabel_state_goals <= 1:
+            raise UserError(f"relabel_state_goals must be a share in [0, 1], got {relabel_state_goals}")
+        self.relabel_state_goals, self.shuffle_ignored_objects = relabel_state_goals, shuffle_ignored_objects
         self.history, self.action_chunk = history, action_chunk
         self.goal, self.goal_max_distance = goal, goal_max_distance
         self.train_paraphrases, self.cache_images = train_paraphrases, cache_images
@@ -104,6 +118,7 @@ class DemoDataset(torch.utils.data.Dataset):
     def _load(self, obs_keys: list[str] | None, fallback_instruction: str | None, clip: float | None) -> None:
         """Read every low-dimensional array once, and the layout of the image arrays."""
         from lcbc.envs.instructions import INSTRUCTIONS
+        from lcbc.envs.metaworld import ACHIEVED_GOAL_IN_STATE, IGNORED_OBJECTS_IN_STATE
 
         low_dim: dict[str, list[np.ndarray]] = {}
         actions, lengths, tasks, instructions = [], [], [], []
@@ -146,6 +161,11 @@ class DemoDataset(torch.utils.data.Dataset):
         self.tasks += sorted(set(tasks) - set(self.tasks))
         self.demo_task = np.array([self.tasks.index(task) for task in tasks])
         self.demo_instruction_text = instructions
+        achieved = [ACHIEVED_GOAL_IN_STATE.get(task, (-1, (0.0, 0.0, 0.0))) for task in tasks]
+        self.demo_goal_source = np.array([start for start, _ in achieved])
+        self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
+        self.ignored_objects = {self.tasks.index(task): spans for task, spans in IGNORED_OBJECTS_IN_STATE.items()
+                                if task in tasks}
         # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
         # the first `train_paraphrases` paraphrases; held-out paraphrases never enter training.
         self.demo_instruction_choices: list[np.ndarray] = []
@@ -244,7 +264,39 @@ class DemoDataset(torch.utils.data.Dataset):
         }
         if "goal" in windows:
             batch["goal"] = self._gather_obs(windows["goal"])
+        if self.relabel_state_goals > 0 and "state" in self.low_dim:
+            self._relabel_state_goals(batch["obs"]["state"], steps)
+        if self.shuffle_ignored_objects and "state" in self.low_dim:
+            self._shuffle_ignored_objects(batch["obs"]["state"], steps)
         return to_torch(batch)
+
+    def _relabel_state_goals(self, state: np.ndarray, steps: np.ndarray) -> None:
+        """Overwrite, in place, the goal of a `relabel_state_goals` share of the (B, H, D) windows whose
+        task is in ACHIEVED_GOAL_IN_STATE with the goal achieved at a later step of the demo."""
+        rng = self._generator()
+        demo = self.step_demo[steps]
+        source, last = self.demo_goal_source[demo], self.demo_end[demo] - 1
+        chosen = (source >= 0) & (steps < last) & (rng.random(len(steps)) < self.relabel_state_goals)
+        if not chosen.any():
+            return
+        steps, demo, source, last = steps[chosen], demo[chosen], source[chosen], last[chosen]
+        later = rng.integers(steps + 1, last, endpoint=True)
+        goals = self.low_dim["state"][later[:, None], source[:, None] + np.arange(3)] + self.demo_goal_offset[demo]
+        state[chosen, :, -3:] = goals[:, None, :]
+
+    def _shuffle_ignored_objects(self, state: np.ndarray, steps: np.ndarray) -> None:
+        """Overwrite, in place, the ignored objects of the (B, H, D) windows with those of a random step of
+        a random demo of the same task, in every frame (the object never moves: reach does not touch it)."""
+        rng = self._generator()
+        task = self.demo_task[self.step_demo[steps]]
+        for task_index, spans in self.ignored_objects.items():
+            rows = np.flatnonzero(task == task_index)
+            if not len(rows):
+                continue
+            pool = np.flatnonzero(self.demo_task[self.step_demo] == task_index)
+            donors = pool[rng.integers(len(pool), size=len(rows))]
+            for start, end in spans:
+                state[rows, :, start:end] = self.low_dim["state"][donors, None, start:end]
 
     def __getitem__(self, index: int) -> dict:
         return unbatch(self.__getitems__([index]))

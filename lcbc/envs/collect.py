@@ -20,7 +20,6 @@ from lcbc.data.hdf5 import DemoWriter
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
 
-
 # Demos go on this many steps past the first success. Meta-World counts a reach within 5 cm as success,
 # so a demo cut there never shows the last 5 cm or holding still at the goal; with these steps a policy
 # cloned from 50 demos a task reaches unseen goals far more often (see docs/RESULTS.md).

@@ -21,6 +21,19 @@ os.environ.setdefault("EGL_PLATFORM", "surfaceless")
 GOALS_PER_SEED = 50
 ROBOT_STATE_DIM = 4  # hand xyz and gripper opening: what a robot knows about itself
 FLIPPED_CAMERAS = {"corner", "corner2", "corner3", "corner4"}
+# Where the fingertips' centre (what reach's success measures) sits relative to the hand position in
+# state[0:3]: the gripper never turns, so this is constant to within 7 mm (measured along expert episodes).
+FINGERTIP_OFFSET = (-0.001, 0.002, -0.045)
+# Tasks whose goal (the state's last 3 numbers) is a free point in space and whose success is the distance
+# to it of one thing the state shows: reach the fingertips (state[0:3] + FINGERTIP_OFFSET), push and
+# pick-place the object (state[4:7]). Value: where that thing's xyz starts in the state, and the offset.
+# Where the thing is at any step of an episode is a goal that episode achieved (hindsight relabeling).
+ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0, 0.0, 0.0)),
+                          "pick-place-v3": (4, (0.0, 0.0, 0.0))}
+# Tasks whose expert and success ignore objects the state still shows, and where in the state they are:
+# reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
+# policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
+IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
 
 
 def benchmark_tasks(spec: str) -> list[str]:
