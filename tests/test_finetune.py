@@ -27,7 +27,8 @@ TASKS = "reach-v3,drawer-open-v3"
 
 
 def write_config(path: Path, demos: Path, total_env_steps: int, pcgrad: bool) -> Path:
-    """A tiny run: 2 environments, updates from the 20th environment step, the actor from the 60th."""
+    """A tiny run: 2 environments, updates from the 20th environment step, the actor from the 60th. The
+    PCGrad run clones successful transitions only, the other one every transition."""
     path.write_text(f"""
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 1, log_every_n_steps: 1, enable_progress_bar: false,
@@ -48,6 +49,7 @@ model:
   eval_episodes: 1
   eval_envs_per_task: 1
   pcgrad: {str(pcgrad).lower()}
+  imitate: {"successful" if pcgrad else "all"}
 """)
     return path
 
@@ -209,6 +211,7 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3,fly-v3", None, "unknown Meta-World task"),
     (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
     (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
+    (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

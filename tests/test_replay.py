@@ -115,6 +115,31 @@ def test_final_goal_relabels_equal_env_step_with_that_goal(task):
     assert (select(sparse, sparse["relabel"] == ORIGINAL)["reward"] == 0).all()
 
 
+@pytest.mark.parametrize("task, steps", [("reach-v3", 30), ("push-v3", 30), ("push-v3", 500)])
+def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
+    """Original rows reach their goal from the start up to the success (none for a cut-off episode);
+    'final' relabels reach theirs when the hand or object moved off its start, and 'episode' relabels
+    only those whose goal step is not behind them."""
+    rows = added(ReplayBuffer([task], 5000, RelabelConfig(goal_strategy="final", goal_relabels=1)), task, steps)
+    original, relabeled = (select(rows, rows["relabel"] == kind) for kind in (ORIGINAL, GOAL_RELABEL))
+    succeeded = expert_episode(task, steps)["successes"].any()
+    assert (original["reaches_goal"] == succeeded).all()
+    start = (original["obs"][0, :3] if task == "reach-v3" else original["obs"][0, 4:7])
+    moved = np.linalg.norm(relabeled["goal"][0] - start) > 0.06  # beyond the radius and the fingertip offset
+    stayed = np.linalg.norm(relabeled["goal"][0] - start) < 0.04
+    assert moved or stayed
+    assert (relabeled["reaches_goal"] == moved).all()
+    if task == "reach-v3":
+        assert moved  # 30 steps take the hand well away from its start, though not yet to the goal
+    final_goal = relabeled["goal"][0]
+    rows = added(ReplayBuffer([task], 5000, RelabelConfig(goal_strategy="episode", goal_relabels=4)), task, steps)
+    relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
+    last = relabeled["step"] == len(original["action"]) - 1  # the final goal is the only one not behind it
+    is_final = (relabeled["goal"] == final_goal).all(axis=1)
+    assert (relabeled["reaches_goal"][last] == (is_final[last] & moved)).all()
+    assert relabeled["reaches_goal"].any() == moved
+
+
 @pytest.mark.parametrize("task, strategy", [("reach-v3", "future"), ("pick-place-v3", "episode")])
 def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task, strategy):
     episode = expert_episode(task)

@@ -49,6 +49,7 @@ TASK_STRATEGIES = ("none", "all", "random", "high")
 # object stands (drawer and window open or closed, door, button, peg box) and some compare one axis
 # only, so any other goal would be one the task never poses.
 ACHIEVED_GOAL = {"reach-v3": "hand", "push-v3": "object", "pick-place-v3": "object"}
+SUCCESS_RADIUS = 0.05  # the smallest of the three (reach and push; pick-place 0.07)
 
 # MT10 tasks that share a scene: the same physics (reach/push/pick-place XML files differ only in the
 # goal site's position and colour; drawer-open/close and window-open/close load the same file; a test
@@ -195,6 +196,12 @@ class Scorer:
         return simulator_state(env)
 
 
+def reaches_goal(success: np.ndarray) -> np.ndarray:
+    """(T,) success after each step -> (T,) whether the episode succeeds at that step or a later one: the
+    transitions worth imitating when only successes are (FineTuning's `imitate: successful`)."""
+    return np.logical_or.accumulate(success[::-1])[::-1]
+
+
 def with_goal(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
     """Observations with their goal dimensions replaced. env.step clips them to the task's goal box, but
     relabeled goals can lie outside it (hand positions for reach, push's goals at table height for reach
@@ -211,8 +218,8 @@ class ReplayBuffer:
     task and goal: every step from the first success on, including a demo's steps past it; a time limit
     is never terminal), task
     (index into `tasks`), goal (the goal the reward was computed with, float64), sim_state (after the
-    step, padded with zeros to the largest task's size), episode, step, source (ONLINE, DEMO) and
-    relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL).
+    step, padded with zeros to the largest task's size), episode, step, source (ONLINE, DEMO),
+    relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL) and reaches_goal (see `reaches_goal`).
     """
 
     def __init__(self, tasks: list[str], capacity: int, relabel: RelabelConfig | None = None,
@@ -240,7 +247,7 @@ class ReplayBuffer:
             "obs": ((obs_dim,), np.float32), "next_obs": ((obs_dim,), np.float32), "action": ((4,), np.float32),
             "reward": ((), np.float32), "terminal": ((), bool), "task": ((), np.int64), "goal": ((3,), np.float64),
             "sim_state": ((sim_dim,), np.float64), "episode": ((), np.int64), "step": ((), np.int32),
-            "source": ((), np.uint8), "relabel": ((), np.uint8),
+            "source": ((), np.uint8), "relabel": ((), np.uint8), "reaches_goal": ((), bool),
         }
         self._online = {key: np.zeros((capacity, *shape), dtype) for key, (shape, dtype) in self.columns.items()}
         self._demos = {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in self.columns.items()}
@@ -339,25 +346,32 @@ class ReplayBuffer:
         padded = np.zeros((len(actions), self.columns["sim_state"][0][0]))
         padded[:, :size] = states[1:]
 
-        def rows(task_name, obs, next_obs, goal, scores: Scores, goal_index: int, kind: int) -> dict[str, np.ndarray]:
+        def rows(task_name, obs, next_obs, goal, scores: Scores, goal_index: int, kind: int,
+                 reaches: np.ndarray) -> dict[str, np.ndarray]:
             steps = len(actions)
-            return {"obs": obs, "next_obs": next_obs, "action": actions,
+            return {"obs": obs, "next_obs": next_obs, "action": actions, "reaches_goal": reaches,
                     "reward": self._reward(scores)[:, goal_index], "terminal": scores.success[:, goal_index],
                     "task": np.full(steps, self.tasks.index(task_name)),
                     "goal": np.broadcast_to(goal, (steps, 3)), "sim_state": padded, "episode": np.full(steps, episode),
                     "step": np.arange(steps), "source": np.full(steps, source), "relabel": np.full(steps, kind)}
 
         own = self.scorer.score(task, scene, states, actions)
-        parts = [rows(task, own.obs[:-1], own.obs[1:], own.target, own, 0, ORIGINAL)]
+        parts = [rows(task, own.obs[:-1], own.obs[1:], own.target, own, 0, ORIGINAL, reaches_goal(own.success[:, 0]))]
         if self.config.goal_strategy != "none" and task in ACHIEVED_GOAL:
-            goals = own.achieved[self._goal_steps(len(actions)) + 1]  # achieved[t + 1]: after step t
+            goal_steps = self._goal_steps(len(actions))
+            goals = own.achieved[goal_steps + 1]  # achieved[t + 1]: after step t
             relabeled = self.scorer.score(task, scene, states, actions, goals)
+            # A relabeled goal is reached at its own step; one where the thing already stood at the start
+            # asked for nothing, so imitating the way there teaches nothing either.
+            ahead = goal_steps >= np.arange(len(actions))[:, None]
+            moved = np.linalg.norm(goals - own.achieved[0], axis=-1) > SUCCESS_RADIUS
             for i in range(goals.shape[1]):
                 goal = goals[:, i]
                 parts.append(rows(task, with_goal(own.obs[:-1], goal), with_goal(own.obs[1:], goal), goal,
-                                  relabeled, i, GOAL_RELABEL))
+                                  relabeled, i, GOAL_RELABEL, ahead[:, i] & moved[:, i]))
         for other, scores in self._task_relabels(task, scene, states, actions):
-            parts.append(rows(other, scores.obs[:-1], scores.obs[1:], scores.target, scores, 0, TASK_RELABEL))
+            parts.append(rows(other, scores.obs[:-1], scores.obs[1:], scores.target, scores, 0, TASK_RELABEL,
+                              reaches_goal(scores.success[:, 0])))
         return _concatenate(parts)
 
     def _reward(self, scores: Scores) -> np.ndarray:

@@ -35,6 +35,11 @@ from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import RelabelConfig, ReplayBuffer
 from lcbc.training.cli import RunFolderCLI
 
+# What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
+# their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
+# hindsight relabels of failed episodes supply successes even on tasks the policy rarely solves.
+IMITATE = ("all", "successful")
+
 
 class CollectionSteps:
     """The training "data": one item per collection step, as many as the environment-step budget needs.
@@ -68,7 +73,7 @@ class FineTuning(L.LightningModule):
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
-                 critic_layers: int = 2, actor_lr: float = 1e-4, critic_lr: float = 3e-4,
+                 critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
@@ -78,6 +83,8 @@ class FineTuning(L.LightningModule):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
+        if imitate not in IMITATE:
+            raise UserError(f"model.imitate: {imitate!r} is not one of {', '.join(IMITATE)}")
         self.automatic_optimization = False
         self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers)
         self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
@@ -196,9 +203,12 @@ class FineTuning(L.LightningModule):
         return metrics
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task)."""
+        """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
+        with `imitate: successful`, of the transitions that reach their goal only."""
         hp = self.hparams
         weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
+        if hp.imitate == "successful":
+            weights = weights * batch["reaches_goal"]
         chunk = self.policy.rt1_config.action_chunk
         actions = torch.zeros(len(weights), chunk, batch["action"].shape[-1])
         actions[:, 0] = batch["action"]  # the step's action; later chunk steps are masked out
