@@ -14,7 +14,9 @@ teach many goals instead of their own few. For reach this also corrects the expe
 hand, not the fingertips 4.5 cm below it, onto the goal and so succeeds with half a centimetre to spare.
 `shuffle_ignored_objects` gives every training window of a task whose expert ignores an object the state
 shows (IGNORED_OBJECTS_IN_STATE: reach's puck) that object as another demo of the task had it, so the
-policy cannot tell demos apart by it and has to read the goal.
+policy cannot tell demos apart by it and has to read the goal. `shift_state_xy` moves hand, puck and goal
+of SHIFTABLE_TASKS windows together by up to that many metres across the table: their experts act on
+relative positions, so the policy learns to as well.
 
 Low-dimensional arrays of all demos are read into memory once and concatenated; images stay on disk
 and are read lazily, one contiguous slice per demo per batch, unless `cache_images` is set. A batch
@@ -77,7 +79,8 @@ class DemoDataset(torch.utils.data.Dataset):
                  instruction: str | None = None, train_paraphrases: int = 0,
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
                  tasks: list[str] | None = None, instructions: list[str] | None = None,
-                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False):
+                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
+                 shift_state_xy: float = 0.0):
         """`demos` come from `split_demos` (which validates the files); without them every demo of the
         validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
         training split (which extends the validation vocabulary) agree on ids."""
@@ -88,7 +91,10 @@ class DemoDataset(torch.utils.data.Dataset):
             raise UserError(f"goal: {goal!r} is not one of {', '.join(GOAL_MODES)}")
         if not 0 <= relabel_state_goals <= 1:
             raise UserError(f"relabel_state_goals must be a share in [0, 1], got {relabel_state_goals}")
+        if shift_state_xy < 0:
+            raise UserError(f"shift_state_xy must be >= 0 metres, got {shift_state_xy}")
         self.relabel_state_goals, self.shuffle_ignored_objects = relabel_state_goals, shuffle_ignored_objects
+        self.shift_state_xy = shift_state_xy
         self.history, self.action_chunk = history, action_chunk
         self.goal, self.goal_max_distance = goal, goal_max_distance
         self.train_paraphrases, self.cache_images = train_paraphrases, cache_images
@@ -118,7 +124,7 @@ class DemoDataset(torch.utils.data.Dataset):
     def _load(self, obs_keys: list[str] | None, fallback_instruction: str | None, clip: float | None) -> None:
         """Read every low-dimensional array once, and the layout of the image arrays."""
         from lcbc.envs.instructions import INSTRUCTIONS
-        from lcbc.envs.metaworld import ACHIEVED_GOAL_IN_STATE, IGNORED_OBJECTS_IN_STATE
+        from lcbc.envs.metaworld import ACHIEVED_GOAL_IN_STATE, IGNORED_OBJECTS_IN_STATE, SHIFTABLE_TASKS
 
         low_dim: dict[str, list[np.ndarray]] = {}
         actions, lengths, tasks, instructions = [], [], [], []
@@ -164,6 +170,7 @@ class DemoDataset(torch.utils.data.Dataset):
         achieved = [ACHIEVED_GOAL_IN_STATE.get(task, (-1, (0.0, 0.0, 0.0))) for task in tasks]
         self.demo_goal_source = np.array([start for start, _ in achieved])
         self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
+        self.demo_shiftable = np.array([task in SHIFTABLE_TASKS for task in tasks])
         self.ignored_objects = {self.tasks.index(task): spans for task, spans in IGNORED_OBJECTS_IN_STATE.items()
                                 if task in tasks}
         # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
@@ -268,6 +275,8 @@ class DemoDataset(torch.utils.data.Dataset):
             self._relabel_state_goals(batch["obs"]["state"], steps)
         if self.shuffle_ignored_objects and "state" in self.low_dim:
             self._shuffle_ignored_objects(batch["obs"]["state"], steps)
+        if self.shift_state_xy > 0 and "state" in self.low_dim:
+            self._shift_state_xy(batch["obs"]["state"], steps)
         return to_torch(batch)
 
     def _relabel_state_goals(self, state: np.ndarray, steps: np.ndarray) -> None:
@@ -297,6 +306,16 @@ class DemoDataset(torch.utils.data.Dataset):
             donors = pool[rng.integers(len(pool), size=len(rows))]
             for start, end in spans:
                 state[rows, :, start:end] = self.low_dim["state"][donors, None, start:end]
+
+    def _shift_state_xy(self, state: np.ndarray, steps: np.ndarray) -> None:
+        """Move every position of the (B, H, D) windows of SHIFTABLE_TASKS by one uniform random x, y
+        offset per window, in place."""
+        from lcbc.envs.metaworld import POSITIONS_IN_STATE
+
+        rows = np.flatnonzero(self.demo_shiftable[self.step_demo[steps]])
+        shift = self._generator().uniform(-self.shift_state_xy, self.shift_state_xy, size=(len(rows), 1, 2))
+        for start in POSITIONS_IN_STATE:
+            state[rows, :, start:start + 2] += shift.astype(state.dtype)
 
     def __getitem__(self, index: int) -> dict:
         return unbatch(self.__getitems__([index]))

@@ -34,6 +34,11 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
+# Tasks whose expert acts on positions relative to each other only (hand, puck, goal), so moving all of
+# them across the table by the same x, y leaves its action unchanged; and where their xyz start in the
+# state: hand, puck, the hand and puck a step earlier, goal (the second object's slots stay zero).
+SHIFTABLE_TASKS = ("reach-v3", "push-v3", "pick-place-v3")
+POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
 
 
 def benchmark_tasks(spec: str) -> list[str]:
