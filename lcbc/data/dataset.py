@@ -124,7 +124,12 @@ class DemoDataset(torch.utils.data.Dataset):
     def _load(self, obs_keys: list[str] | None, fallback_instruction: str | None, clip: float | None) -> None:
         """Read every low-dimensional array once, and the layout of the image arrays."""
         from lcbc.envs.instructions import INSTRUCTIONS
-        from lcbc.envs.metaworld import ACHIEVED_GOAL_IN_STATE, IGNORED_OBJECTS_IN_STATE, SHIFTABLE_TASKS
+        from lcbc.envs.metaworld import (
+            ACHIEVED_GOAL_IN_STATE,
+            IGNORED_OBJECTS_IN_STATE,
+            POSITIONS_IN_STATE,
+            SHIFTABLE_TASKS,
+        )
 
         low_dim: dict[str, list[np.ndarray]] = {}
         actions, lengths, tasks, instructions = [], [], [], []
@@ -171,6 +176,7 @@ class DemoDataset(torch.utils.data.Dataset):
         self.demo_goal_source = np.array([start for start, _ in achieved])
         self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
         self.demo_shiftable = np.array([task in SHIFTABLE_TASKS for task in tasks])
+        self.state_positions = POSITIONS_IN_STATE
         self.ignored_objects = {self.tasks.index(task): spans for task, spans in IGNORED_OBJECTS_IN_STATE.items()
                                 if task in tasks}
         # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
@@ -271,12 +277,13 @@ class DemoDataset(torch.utils.data.Dataset):
         }
         if "goal" in windows:
             batch["goal"] = self._gather_obs(windows["goal"])
-        if self.relabel_state_goals > 0 and "state" in self.low_dim:
-            self._relabel_state_goals(batch["obs"]["state"], steps)
-        if self.shuffle_ignored_objects and "state" in self.low_dim:
-            self._shuffle_ignored_objects(batch["obs"]["state"], steps)
-        if self.shift_state_xy > 0 and "state" in self.low_dim:
-            self._shift_state_xy(batch["obs"]["state"], steps)
+        if "state" in self.low_dim:  # Meta-World's state: the augmentations configured, in this order
+            if self.relabel_state_goals > 0:
+                self._relabel_state_goals(batch["obs"]["state"], steps)
+            if self.shuffle_ignored_objects:
+                self._shuffle_ignored_objects(batch["obs"]["state"], steps)
+            if self.shift_state_xy > 0:
+                self._shift_state_xy(batch["obs"]["state"], steps)
         return to_torch(batch)
 
     def _relabel_state_goals(self, state: np.ndarray, steps: np.ndarray) -> None:
@@ -310,11 +317,9 @@ class DemoDataset(torch.utils.data.Dataset):
     def _shift_state_xy(self, state: np.ndarray, steps: np.ndarray) -> None:
         """Move every position of the (B, H, D) windows of SHIFTABLE_TASKS by one uniform random x, y
         offset per window, in place."""
-        from lcbc.envs.metaworld import POSITIONS_IN_STATE
-
         rows = np.flatnonzero(self.demo_shiftable[self.step_demo[steps]])
         shift = self._generator().uniform(-self.shift_state_xy, self.shift_state_xy, size=(len(rows), 1, 2))
-        for start in POSITIONS_IN_STATE:
+        for start in self.state_positions:
             state[rows, :, start:start + 2] += shift.astype(state.dtype)
 
     def __getitem__(self, index: int) -> dict:

@@ -35,20 +35,22 @@ import numpy as np
 
 from lcbc.data.hdf5 import demo_instruction, open_demo_file, validate
 from lcbc.envs.instructions import INSTRUCTIONS
-from lcbc.envs.metaworld import goal_for_episode, restore_simulator_state, simulator_state, simulator_state_size
+from lcbc.envs.metaworld import (
+    ACHIEVED_GOAL_IN_STATE,
+    goal_for_episode,
+    restore_simulator_state,
+    simulator_state,
+    simulator_state_size,
+)
 from lcbc.errors import UserError
 
 REWARDS = ("sparse", "dense")
 GOAL_STRATEGIES = ("none", "future", "final", "episode")
 TASK_STRATEGIES = ("none", "all", "random", "high")
 
-# Tasks whose success is the distance from an achieved position to `_target_pos` (the goal in the
-# observation) within a radius, and whose goal is free in space: reach measures the gripper's fingertip
-# centre (`tcp_center`, not the hand position in obs[:3]) within 0.05; push (0.05) and pick-place (0.07)
-# measure the object (obs[4:7]). The other MT10 tasks carry a goal too, but it is fixed by where the
-# object stands (drawer and window open or closed, door, button, peg box) and some compare one axis
-# only, so any other goal would be one the task never poses.
-ACHIEVED_GOAL = {"reach-v3": "hand", "push-v3": "object", "pick-place-v3": "object"}
+# The tasks with free goals (ACHIEVED_GOAL_IN_STATE), and what the simulator measures of each exactly:
+# reach the fingertip centre (`tcp_center`, radius 0.05), push (0.05) and pick-place (0.07) the object.
+ACHIEVED_GOAL = {task: "hand" if start == 0 else "object" for task, (start, _) in ACHIEVED_GOAL_IN_STATE.items()}
 SUCCESS_RADIUS = 0.05  # the smallest of the three (reach and push; pick-place 0.07)
 
 # MT10 tasks that share a scene: the same physics (reach/push/pick-place XML files differ only in the
