@@ -44,6 +44,22 @@ def test_small_real_collection(metaworld_file):
     assert dataset.tasks == ["drawer-open-v3", "reach-v3"]
 
 
+def test_collection_with_camera_images(tmp_path):
+    from lcbc.envs.collect import collect
+
+    path = tmp_path / "pixels.hdf5"
+    collect(str(path), ["reach-v3"], episodes_per_task=1, camera="corner", image_size=32)
+    with h5py.File(path) as f:
+        demo = f["data"][demo_names(f)[0]]
+        images, robot = demo["obs/corner_rgb"][()], demo["obs/robot_state"][()]
+        np.testing.assert_array_equal(robot, demo["obs/state"][:, :4])
+    assert images.shape == (len(robot), 32, 32, 3) and images.dtype == np.uint8
+    moved = np.abs(images[-1].astype(int) - images[0]).sum(-1) > 30  # pixels the arm's reach changed
+    assert 5 < moved.sum() < 32 * 32 / 2
+    # Upright: the table (lower half) changes less than the arm above it.
+    assert moved[:16].sum() > moved[16:].sum()
+
+
 def test_steps_after_success_extend_the_same_episode():
     from lcbc.envs.collect import rollout_expert
     from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
