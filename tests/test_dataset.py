@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -168,6 +169,35 @@ def test_shifted_windows_move_hand_puck_and_goal_together_in_xy(tmp_path):
     assert np.abs(shift).max() <= 0.05 and np.abs(shift).max() > 0.04 and len(np.unique(shift[:, 0, 0])) > 50
     with pytest.raises(UserError, match="shift_state_xy"):
         DemoDataset(path, shift_state_xy=-0.1)
+
+
+def test_shifted_images_move_each_window_as_a_whole(tmp_path):
+    path = write_demo_file(tmp_path / "img.hdf5", lengths=(6, 9), image_size=8)
+    with h5py.File(path, "r+") as file:  # channel 0 names the pixel, channel 1 the frame
+        for name in file["data"]:
+            images = file["data"][name]["obs"]["agentview_image"]
+            pattern = np.zeros(images.shape, np.uint8)
+            pattern[..., 0] = np.arange(64).reshape(8, 8)
+            pattern[..., 1] = np.arange(len(images))[:, None, None]
+            images[...] = pattern
+    plain = DemoDataset(path, history=2, cache_images=True)
+    shifted = DemoDataset(path, history=2, cache_images=True, shift_images=2)
+    steps = np.repeat(np.arange(len(plain)), 10)
+    torch.manual_seed(0)
+    before = plain.__getitems__(steps)["obs"]["agentview_image"].numpy()
+    after = shifted.__getitems__(steps)["obs"]["agentview_image"].numpy()
+    np.testing.assert_array_equal(after[..., 1], before[..., 1])  # the same frames
+    offsets = set()
+    for window, moved in zip(before, after):
+        row, col = divmod(int(moved[0, 4, 4, 0]), 8)  # where the centre pixel came from
+        dy, dx = row - 4, col - 4
+        assert max(abs(dy), abs(dx)) <= 2
+        rows, cols = np.clip(np.arange(8) + dy, 0, 7), np.clip(np.arange(8) + dx, 0, 7)
+        np.testing.assert_array_equal(moved, window[:, rows][:, :, cols])  # every frame, edges repeated
+        offsets.add((dy, dx))
+    assert len(offsets) == 25
+    with pytest.raises(UserError, match="shift_images"):
+        DemoDataset(path, shift_images=-1)
 
 
 def test_statistics_and_clipping(demo_file):

@@ -25,6 +25,7 @@ class DemoDataModule(L.LightningDataModule):
         shuffle_ignored_objects: give Meta-World reach's training windows the puck of another demo.
         shift_state_xy: move hand, puck and goal of reach, push and pick-place windows together by up to
             this many metres in x and y.
+        shift_images: move each training window's images by up to this many pixels (random shift).
         instruction: instruction for files that carry none (e.g. robomimic files).
         val_fraction: share of episodes held out when a file has no mask/train and mask/valid.
     """
@@ -33,7 +34,7 @@ class DemoDataModule(L.LightningDataModule):
                  obs_keys: list[str] | None = None, history: int = 1, action_chunk: int = 1,
                  goal: str = "none", goal_max_distance: int | None = None, train_paraphrases: int = 0,
                  relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0,
+                 shift_state_xy: float = 0.0, shift_images: int = 0,
                  instruction: str | None = None, val_fraction: float = 0.05, batch_size: int = 256,
                  num_workers: int = 0, cache_images: bool = False, seed: int = 0):
         super().__init__()
@@ -53,7 +54,8 @@ class DemoDataModule(L.LightningDataModule):
                            instructions=vocabulary and vocabulary.instructions,
                            relabel_state_goals=hp.relabel_state_goals if augment else 0.0,
                            shuffle_ignored_objects=hp.shuffle_ignored_objects and augment,
-                           shift_state_xy=hp.shift_state_xy if augment else 0.0)
+                           shift_state_xy=hp.shift_state_xy if augment else 0.0,
+                           shift_images=hp.shift_images if augment else 0)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

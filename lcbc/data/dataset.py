@@ -16,7 +16,9 @@ hand, not the fingertips 4.5 cm below it, onto the goal and so succeeds with hal
 shows (IGNORED_OBJECTS_IN_STATE: reach's puck) that object as another demo of the task had it, so the
 policy cannot tell demos apart by it and has to read the goal. `shift_state_xy` moves hand, puck and goal
 of SHIFTABLE_TASKS windows together by up to that many metres across the table: their experts act on
-relative positions, so the policy learns to as well.
+relative positions, so the policy learns to as well. `shift_images` moves each window's images by up to
+that many pixels (random shift, Yarats et al. 2021): a few demos' frames then cover more than their
+exact pixel positions.
 
 Low-dimensional arrays of all demos are read into memory once and concatenated; images stay on disk
 and are read lazily, one contiguous slice per demo per batch, unless `cache_images` is set. A batch
@@ -80,7 +82,7 @@ class DemoDataset(torch.utils.data.Dataset):
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
                  tasks: list[str] | None = None, instructions: list[str] | None = None,
                  relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0):
+                 shift_state_xy: float = 0.0, shift_images: int = 0):
         """`demos` come from `split_demos` (which validates the files); without them every demo of the
         validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
         training split (which extends the validation vocabulary) agree on ids."""
@@ -93,8 +95,10 @@ class DemoDataset(torch.utils.data.Dataset):
             raise UserError(f"relabel_state_goals must be a share in [0, 1], got {relabel_state_goals}")
         if shift_state_xy < 0:
             raise UserError(f"shift_state_xy must be >= 0 metres, got {shift_state_xy}")
+        if shift_images < 0:
+            raise UserError(f"shift_images must be >= 0 pixels, got {shift_images}")
         self.relabel_state_goals, self.shuffle_ignored_objects = relabel_state_goals, shuffle_ignored_objects
-        self.shift_state_xy = shift_state_xy
+        self.shift_state_xy, self.shift_images = shift_state_xy, shift_images
         self.history, self.action_chunk = history, action_chunk
         self.goal, self.goal_max_distance = goal, goal_max_distance
         self.train_paraphrases, self.cache_images = train_paraphrases, cache_images
@@ -277,6 +281,9 @@ class DemoDataset(torch.utils.data.Dataset):
         }
         if "goal" in windows:
             batch["goal"] = self._gather_obs(windows["goal"])
+        if self.shift_images:
+            for key in self.image_shapes:
+                batch["obs"][key] = self._shift_images(batch["obs"][key])
         if "state" in self.low_dim:  # Meta-World's state: the augmentations configured, in this order
             if self.relabel_state_goals > 0:
                 self._relabel_state_goals(batch["obs"]["state"], steps)
@@ -321,6 +328,14 @@ class DemoDataset(torch.utils.data.Dataset):
         shift = self._generator().uniform(-self.shift_state_xy, self.shift_state_xy, size=(len(rows), 1, 2))
         for start in self.state_positions:
             state[rows, :, start:start + 2] += shift.astype(state.dtype)
+
+    def _shift_images(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, h, w, C) windows, each moved by one random offset of up to `shift_images` pixels in x
+        and y, the same for all its frames; the border pixels fill the uncovered strip."""
+        pad, (height, width) = self.shift_images, images.shape[2:4]
+        padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+        offsets = self._generator().integers(0, 2 * pad, endpoint=True, size=(len(images), 2))
+        return np.stack([window[:, y:y + height, x:x + width] for window, (y, x) in zip(padded, offsets)])
 
     def __getitem__(self, index: int) -> dict:
         return unbatch(self.__getitems__([index]))
