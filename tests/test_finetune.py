@@ -195,6 +195,44 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
             np.testing.assert_allclose(frame[-3:], batch["obs"][row, -3:])  # the row's goal, relabeled or not
 
 
+def test_actor_windows_get_the_loaders_state_augmentations():
+    """Reach's puck comes from another reach row in every frame; hand, puck and goal of reach and push move
+    by one x, y offset per window; drawer-open and every other number stay as stored."""
+    tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
+    task = np.array([0, 0, 0, 0, 1, 2])
+    stored = np.random.default_rng(0).normal(size=(6, 2, 39)).astype(np.float32)
+    stored[:, 1, 4:18] = stored[:, 0, 4:18]  # reach's puck never moves within a window
+
+    def augmented(**options) -> np.ndarray:
+        module = FineTuning(policy="unused", **options)
+        module.tasks, module.replay = tasks, ReplayBuffer(tasks, capacity=8)
+        sample = {"obs_window": stored.copy(), "task": task}
+        module._augment_actor_windows(sample)
+        return sample["obs_window"]
+
+    shuffled = augmented(shuffle_ignored_objects=True)
+    reach_pucks = {tuple(row) for row in stored[:4, -1, 4:18]}
+    for row in range(4):
+        assert tuple(shuffled[row, 0, 4:18]) in reach_pucks
+        np.testing.assert_array_equal(shuffled[row, 0, 4:18], shuffled[row, 1, 4:18])
+    assert not np.array_equal(shuffled[:4, :, 4:18], stored[:4, :, 4:18])
+    np.testing.assert_array_equal(shuffled[4:], stored[4:])
+    np.testing.assert_array_equal(np.delete(shuffled, np.r_[4:18, 22:36], axis=2),
+                                  np.delete(stored, np.r_[4:18, 22:36], axis=2))
+
+    moved = augmented(shift_state_xy=0.05)
+    offset = moved - stored
+    positions = [0, 4, 18, 22, 36]
+    for row in range(5):
+        xy = np.stack([offset[row, :, start:start + 2] for start in positions])
+        np.testing.assert_allclose(xy, np.broadcast_to(xy[0, 0], xy.shape), atol=1e-6)
+        assert 0 < np.abs(xy[0, 0]).max() <= 0.05
+    np.testing.assert_array_equal(moved[5], stored[5])
+    untouched = np.ones(39, dtype=bool)
+    untouched[[start + axis for start in positions for axis in (0, 1)]] = False
+    np.testing.assert_array_equal(moved[..., untouched], stored[..., untouched])
+
+
 def test_every_finetune_config_instantiates(tmp_path):
     for config in sorted((ROOT / "configs").glob("finetune_*.yaml")):
         cli = finetune_cli(str(config), "runs/some_policy", "MT10", str(tmp_path))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lcbc.data.hdf5 import demo_instruction, masks, open_demo_file, validate
+from lcbc.envs.metaworld import move_positions_xy, replace_ignored_objects
 from lcbc.errors import UserError
 
 GOAL_MODES = ("none", "future", "segment_end", "final")
@@ -131,7 +132,6 @@ class DemoDataset(torch.utils.data.Dataset):
         from lcbc.envs.metaworld import (
             ACHIEVED_GOAL_IN_STATE,
             IGNORED_OBJECTS_IN_STATE,
-            POSITIONS_IN_STATE,
             SHIFTABLE_TASKS,
         )
 
@@ -180,9 +180,7 @@ class DemoDataset(torch.utils.data.Dataset):
         self.demo_goal_source = np.array([start for start, _ in achieved])
         self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
         self.demo_shiftable = np.array([task in SHIFTABLE_TASKS for task in tasks])
-        self.state_positions = POSITIONS_IN_STATE
-        self.ignored_objects = {self.tasks.index(task): spans for task, spans in IGNORED_OBJECTS_IN_STATE.items()
-                                if task in tasks}
+        self.tasks_ignoring_objects = [task for task in IGNORED_OBJECTS_IN_STATE if task in tasks]
         # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
         # the first `train_paraphrases` paraphrases; held-out paraphrases never enter training.
         self.demo_instruction_choices: list[np.ndarray] = []
@@ -312,22 +310,20 @@ class DemoDataset(torch.utils.data.Dataset):
         a random demo of the same task, in every frame (the object never moves: reach does not touch it)."""
         rng = self._generator()
         task = self.demo_task[self.step_demo[steps]]
-        for task_index, spans in self.ignored_objects.items():
+        for name in self.tasks_ignoring_objects:
+            task_index = self.tasks.index(name)
             rows = np.flatnonzero(task == task_index)
             if not len(rows):
                 continue
             pool = np.flatnonzero(self.demo_task[self.step_demo] == task_index)
             donors = pool[rng.integers(len(pool), size=len(rows))]
-            for start, end in spans:
-                state[rows, :, start:end] = self.low_dim["state"][donors, None, start:end]
+            replace_ignored_objects(state, rows, name, self.low_dim["state"][donors])
 
     def _shift_state_xy(self, state: np.ndarray, steps: np.ndarray) -> None:
         """Move every position of the (B, H, D) windows of SHIFTABLE_TASKS by one uniform random x, y
         offset per window, in place."""
         rows = np.flatnonzero(self.demo_shiftable[self.step_demo[steps]])
-        shift = self._generator().uniform(-self.shift_state_xy, self.shift_state_xy, size=(len(rows), 1, 2))
-        for start in self.state_positions:
-            state[rows, :, start:start + 2] += shift.astype(state.dtype)
+        move_positions_xy(state, rows, self.shift_state_xy, self._generator())
 
     def _shift_images(self, images: np.ndarray) -> np.ndarray:
         """(B, H, h, w, C) windows, each moved by one random offset of up to `shift_images` pixels in x

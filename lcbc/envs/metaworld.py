@@ -46,6 +46,21 @@ SHIFTABLE_TASKS = ("reach-v3", "push-v3", "pick-place-v3")
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
 
 
+def move_positions_xy(windows: np.ndarray, rows: np.ndarray, max_shift: float, rng: np.random.Generator) -> None:
+    """Move hand, puck and goal of the (B, H, D) state windows `rows` across the table by one uniform
+    random x, y offset per window, of up to `max_shift` metres, in place (for SHIFTABLE_TASKS)."""
+    shift = rng.uniform(-max_shift, max_shift, size=(len(rows), 1, 2)).astype(windows.dtype)
+    for start in POSITIONS_IN_STATE:
+        windows[rows, :, start:start + 2] += shift
+
+
+def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:
+    """Give the (B, H, D) state windows `rows` of `task` the ignored objects of the (len(rows), D) `donors`
+    states, in every frame (IGNORED_OBJECTS_IN_STATE: the task never moves them), in place."""
+    for start, end in IGNORED_OBJECTS_IN_STATE.get(task, ()):
+        windows[rows, :, start:end] = donors[:, None, start:end]
+
+
 def benchmark_tasks(spec: str) -> list[str]:
     """Task names for 'MT10', 'MT50' or a comma-separated list of task names."""
     from metaworld import env_dict

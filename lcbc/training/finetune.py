@@ -25,7 +25,13 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import benchmark_tasks
+from lcbc.envs.metaworld import (
+    IGNORED_OBJECTS_IN_STATE,
+    SHIFTABLE_TASKS,
+    benchmark_tasks,
+    move_positions_xy,
+    replace_ignored_objects,
+)
 from lcbc.errors import UserError
 from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
@@ -74,7 +80,8 @@ class FineTuning(L.LightningModule):
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
-                 gradient_clip: float | None = 1.0, pcgrad: bool = False, eval_every: int = 25_000,
+                 gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
+                 shift_state_xy: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -180,6 +187,7 @@ class FineTuning(L.LightningModule):
         """One IQL update of the critics and, once `actor_starts` env steps are in, the actor."""
         hp = self.hparams
         sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history)
+        self._augment_actor_windows(sample)
         batch = {key: torch.as_tensor(value) for key, value in sample.items()}
         task = {self.task_key: self.task_inputs[batch["task"]]}
         state = self.inputs.state(batch["obs"], task)
@@ -201,6 +209,22 @@ class FineTuning(L.LightningModule):
         optimizer.step()
         self.critics.update_target(self.iql.polyak)
         return metrics
+
+    def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
+        """The loader's state augmentations, on the windows the actor clones (the critics see the states as
+        stored): reach's ignored puck taken from another of the batch's reach rows, and hand, puck and goal
+        of SHIFTABLE_TASKS moved together across the table, so that the few demos' positions cannot stand
+        in for reading the goal."""
+        hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
+        if hp.shuffle_ignored_objects:
+            for task in IGNORED_OBJECTS_IN_STATE:
+                if task in self.tasks:
+                    rows = np.flatnonzero(sample["task"] == self.tasks.index(task))
+                    donors = rows[rng.integers(len(rows), size=len(rows))]
+                    replace_ignored_objects(windows, rows, task, windows[donors, -1])
+        if hp.shift_state_xy > 0:
+            shiftable = [self.tasks.index(task) for task in SHIFTABLE_TASKS if task in self.tasks]
+            move_positions_xy(windows, np.flatnonzero(np.isin(sample["task"], shiftable)), hp.shift_state_xy, rng)
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
