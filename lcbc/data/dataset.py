@@ -35,7 +35,13 @@ import numpy as np
 import torch
 
 from lcbc.data.hdf5 import demo_instruction, masks, open_demo_file, validate
-from lcbc.envs.metaworld import move_positions_xy, replace_ignored_objects
+from lcbc.envs.metaworld import (
+    ACHIEVED_GOAL_IN_STATE,
+    IGNORED_OBJECTS_IN_STATE,
+    SHIFTABLE_TASKS,
+    move_positions_xy,
+    replace_ignored_objects,
+)
 from lcbc.errors import UserError
 
 GOAL_MODES = ("none", "future", "segment_end", "final")
@@ -129,11 +135,6 @@ class DemoDataset(torch.utils.data.Dataset):
     def _load(self, obs_keys: list[str] | None, fallback_instruction: str | None, clip: float | None) -> None:
         """Read every low-dimensional array once, and the layout of the image arrays."""
         from lcbc.envs.instructions import INSTRUCTIONS
-        from lcbc.envs.metaworld import (
-            ACHIEVED_GOAL_IN_STATE,
-            IGNORED_OBJECTS_IN_STATE,
-            SHIFTABLE_TASKS,
-        )
 
         low_dim: dict[str, list[np.ndarray]] = {}
         actions, lengths, tasks, instructions = [], [], [], []
