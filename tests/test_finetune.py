@@ -17,7 +17,7 @@ from lcbc.cli import main
 from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
-from lcbc.rl.collector import exploration_goal
+from lcbc.rl.collector import exploration_goal, pink_noise
 from lcbc.rl.iql import awr_weights, expectile_loss
 from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
 from lcbc.training.finetune import FineTuning, finetune_cli
@@ -28,7 +28,8 @@ TASKS = "reach-v3,drawer-open-v3"
 
 def write_config(path: Path, demos: Path, total_env_steps: int, pcgrad: bool) -> Path:
     """A tiny run: 2 environments, updates from the 20th environment step, the actor from the 60th. The
-    PCGrad run clones successful transitions only, the other one every transition."""
+    PCGrad run clones successful transitions only, with failure-weighted task sampling and pink noise; the
+    other one every transition, row-uniform sampling and white noise."""
     path.write_text(f"""
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 1, log_every_n_steps: 1, enable_progress_bar: false,
@@ -50,6 +51,8 @@ model:
   eval_envs_per_task: 1
   pcgrad: {str(pcgrad).lower()}
   imitate: {"successful" if pcgrad else "all"}
+  task_sampling: {"failures" if pcgrad else "rows"}
+  exploration_noise: {"pink" if pcgrad else "white"}
 """)
     return path
 
@@ -82,7 +85,8 @@ def test_finetune_collects_updates_evaluates_and_exports(finetuned, trained_poli
     logged = metrics(finetuned)
     assert max(logged["env_steps"]) == 120 and 2 in logged["env_steps"]
     for key in ("collect/success", "critic/q_loss", "critic/value_loss", "advantage/mean", "advantage/std",
-                "actor/loss", "actor/weight_mean", "eval/success", "eval/reach-v3", "eval/drawer-open-v3"):
+                "actor/loss", "actor/weight_mean", "eval/success", "eval/reach-v3", "eval/drawer-open-v3",
+                "collect/reach-v3", "collect/drawer-open-v3"):
         assert logged[key] and all(math.isfinite(value) for value in logged[key]), key
     assert len(logged["eval/success"]) == 2  # the cloned policy before the first step, and the end
     assert len(logged["critic/q_loss"]) == (120 - 20) // 2 + 1 and len(logged["actor/loss"]) == (120 - 60) // 2 + 1
@@ -146,6 +150,17 @@ def test_exploration_goals_are_new_every_episode_and_never_evaluations():
     assert len(set(scenes)) == 150 and not evaluation & set(scenes)
     # The demonstrations' goals (seed 0) come first.
     assert scenes[:50] == [tuple(scene_of(goal_for_episode("reach-v3", 0, number))) for number in range(50)]
+
+
+def test_pink_noise_drifts_where_white_noise_averages_out():
+    rng = np.random.default_rng(0)
+    pink = np.stack([pink_noise(rng, 200, 4) for _ in range(200)])  # 200 episodes of 200 steps
+    white = rng.standard_normal(pink.shape)
+    np.testing.assert_allclose(pink.std(axis=1), 1.0, rtol=1e-6)  # unit variance in every episode and dim
+    lag_one = np.mean([np.corrcoef(episode[:-1, 0], episode[1:, 0])[0, 1] for episode in pink])
+    assert lag_one > 0.4
+    # Summed over an episode (the hand's displacement), pink noise goes about 3.4 times as far.
+    assert np.abs(pink.sum(axis=1)).mean() > 2.5 * np.abs(white.sum(axis=1)).mean()
 
 
 def test_awr_weights_are_exponentiated_advantages_over_their_spread_clipped():
@@ -250,6 +265,9 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
     (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
     (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful"),
+    (None, "reach-v3", "model: {task_sampling: tasks}", "model.task_sampling: 'tasks' is not one of rows, failures"),
+    (None, "reach-v3", "model: {exploration_noise: red}", "model.exploration_noise: 'red' is not one of white, pink"),
+    (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

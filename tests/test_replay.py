@@ -248,6 +248,24 @@ def test_demos_are_rescored_kept_apart_from_the_ring_and_sampled_in_proportion(m
     assert (buffer.sample(8)["source"] == DEMO).sum() == 2
 
 
+def test_task_weights_set_each_tasks_share_of_the_batch():
+    buffer = ReplayBuffer(["reach-v3", "drawer-close-v3", "door-open-v3"], 200,
+                          RelabelConfig(goal_strategy="future", goal_relabels=2), demo_fraction=0.0)
+    reach, drawer = added(buffer, "reach-v3", steps=20), added(buffer, "drawer-close-v3", steps=20)
+    assert len(reach["task"]) == 60 and len(drawer["task"]) == 20  # reach's goal relabels triple its rows
+    assert np.mean(buffer.sample(4000)["task"] == 0) == pytest.approx(0.75, abs=0.03)
+    # door-open holds no rows: the weights of the tasks present set the shares, 1 : 3.
+    batch = buffer.sample(4000, task_weights=np.array([1.0, 3.0, 5.0]))
+    assert np.bincount(batch["task"], minlength=3) / 4000 == pytest.approx([0.25, 0.75, 0.0], abs=0.03)
+    # Within a task every row stays equally likely: each of reach's 20 steps (3 rows each) 4000 / 20 times.
+    reach_rows = buffer.sample(4000, task_weights=np.array([1.0, 0.0, 0.0]))
+    assert (reach_rows["task"] == 0).all()
+    assert np.bincount(reach_rows["step"], minlength=20) == pytest.approx(np.full(20, 200), abs=60)
+    for bad in (np.zeros(3), np.array([1.0, -1.0, 1.0]), np.ones(2)):
+        with pytest.raises(ValueError, match="task_weights"):
+            buffer.sample(10, task_weights=bad)
+
+
 def test_ring_overwrites_the_oldest_transitions():
     buffer = ReplayBuffer(["reach-v3"], 50)
     episode = expert_episode("reach-v3", steps=20)

@@ -10,6 +10,10 @@ rewards from them). An episode ends at the first success (as evaluation episodes
 Exploration: the policy's decoded action plus Gaussian noise of `exploration_std`, clipped to the action
 space. Sampling the policy's own bin distribution would barely explore: behavior cloning of
 deterministic experts leaves it about one HL-Gauss label width wide, a hundredth of the action range.
+The noise is white (independent every step) or pink (power falling as 1/frequency, drawn for the whole
+episode; Eberhard et al. 2023): Meta-World's actions move the hand, so white noise averages out within a
+few steps and the hand ends where the policy would have taken it, while pink noise drifts it by
+centimetres over an episode, which spreads the positions that hindsight relabeling turns into goals.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ from lcbc.envs.metaworld import GOALS_PER_SEED, MetaWorldEnv, goal_for_episode
 from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
 
 TRAIN_SEED = 0
+NOISE = ("white", "pink")
+
+
+def pink_noise(rng: np.random.Generator, steps: int, dims: int) -> np.ndarray:
+    """(steps, dims) Gaussian noise of unit variance whose power spectrum falls as 1/frequency: random
+    Fourier coefficients scaled by frequency^-1/2, the lowest frequency (1/steps) also standing in for the
+    constant term, so that an episode can drift in one direction throughout."""
+    frequencies = np.fft.rfftfreq(steps)
+    frequencies[0] = frequencies[1] if steps > 1 else 1.0
+    shape = (dims, len(frequencies))
+    coefficients = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / np.sqrt(frequencies)
+    noise = np.fft.irfft(coefficients, n=steps, axis=-1)
+    return (noise / noise.std(axis=-1, keepdims=True).clip(1e-12)).T
 
 
 def exploration_goal(task: str, number: int):
@@ -44,6 +61,7 @@ class Episode:
     task: str
     number: int
     goal: object
+    noise: np.ndarray  # (max_episode_steps, 4) exploration noise of unit scale, one row per step
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
 
@@ -52,15 +70,20 @@ class Collector:
     """Runs exploration episodes for every task and writes the finished ones into a ReplayBuffer."""
 
     def __init__(self, tasks: list[str], envs_per_task: int = 1, max_episode_steps: int = 500,
-                 exploration_std: float = 0.1, seed: int = 0, recent: int = 100):
+                 exploration_std: float = 0.1, exploration_noise: str = "white", seed: int = 0,
+                 recent: int = 100, recent_per_task: int = 20):
+        if exploration_noise not in NOISE:
+            raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
         warnings.filterwarnings("ignore", message="Constant")
         self.tasks = list(tasks)
         self.envs = [MetaWorldEnv(task, seed=TRAIN_SEED) for task in tasks for _ in range(envs_per_task)]
         self.max_episode_steps = min(max_episode_steps, self.envs[0].max_episode_steps)
         self.exploration_std = exploration_std
+        self.exploration_noise = exploration_noise
         self.rng = np.random.default_rng(seed)
         self.episodes_started = dict.fromkeys(self.tasks, 0)  # per task: which training goal comes next
         self.recent_successes: deque[bool] = deque(maxlen=recent)
+        self.task_successes = {task: deque(maxlen=recent_per_task) for task in self.tasks}
         self._episodes: list[Episode | None] = [None] * len(self.envs)
         self._observations: list[dict | None] = [None] * len(self.envs)
 
@@ -71,7 +94,10 @@ class Collector:
         goal = exploration_goal(env.task, number)
         env.set_goal(goal)
         self._observations[i], _ = env.reset()
-        self._episodes[i] = Episode(env.task, number, goal, [env.simulator_state()])
+        shape = (self.max_episode_steps, self.envs[i].action_space.shape[0])
+        noise = (pink_noise(self.rng, *shape) if self.exploration_noise == "pink"
+                 else self.rng.standard_normal(shape))
+        self._episodes[i] = Episode(env.task, number, goal, noise, [env.simulator_state()])
 
     def step(self, actor: PolicyActor, replay) -> int:
         """One step of every environment with one batched policy call; finished episodes go to `replay`
@@ -84,8 +110,8 @@ class Collector:
         batch = {key: np.stack([obs[key] for obs in self._observations]) for key in self._observations[0]}
         jobs = [Job(e.task, canonical_instruction(e.task), e.number) for e in self._episodes]
         actions = actor(batch, jobs)
-        actions = actions + self.exploration_std * self.rng.standard_normal(actions.shape)
-        actions = np.clip(actions, -1.0, 1.0)
+        noise = np.stack([episode.noise[len(episode.actions)] for episode in self._episodes])
+        actions = np.clip(actions + self.exploration_std * noise, -1.0, 1.0)
         for i, (env, episode) in enumerate(zip(self.envs, self._episodes)):
             self._observations[i], _, terminated, truncated, info = env.step(actions[i])
             episode.states.append(env.simulator_state())
@@ -93,6 +119,7 @@ class Collector:
             if info["success"] or terminated or truncated or len(episode.actions) >= self.max_episode_steps:
                 replay.add_episode(episode.task, episode.goal, np.array(episode.states), np.array(episode.actions))
                 self.recent_successes.append(bool(info["success"]))
+                self.task_successes[episode.task].append(bool(info["success"]))
                 self._episodes[i] = None
         return len(self.envs)
 
@@ -101,14 +128,22 @@ class Collector:
         """Success over the most recently finished episodes (noisy actions, training goals)."""
         return float(np.mean(self.recent_successes)) if self.recent_successes else float("nan")
 
+    def failure_rates(self) -> np.ndarray:
+        """Per task, the share of its recent episodes that failed; 1.0 for a task with none finished yet."""
+        return np.array([1.0 - np.mean(self.task_successes[task]) if self.task_successes[task] else 1.0
+                         for task in self.tasks])
+
     def state_dict(self) -> dict:
         """What a resumed run needs to go on where this one stopped: which goal each task runs next and the
         noise generator. Episodes in flight are not kept; a resumed run starts new ones."""
         return {"episodes_started": dict(self.episodes_started), "rng": self.rng.bit_generator.state,
-                "recent_successes": list(self.recent_successes)}
+                "recent_successes": list(self.recent_successes),
+                "task_successes": {task: list(outcomes) for task, outcomes in self.task_successes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.episodes_started.update(state["episodes_started"])
         self.rng.bit_generator.state = state["rng"]
         self.recent_successes.extend(state["recent_successes"])
+        for task, outcomes in state["task_successes"].items():
+            self.task_successes[task].extend(outcomes)
         self._episodes = [None] * len(self.envs)

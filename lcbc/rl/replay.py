@@ -419,24 +419,49 @@ class ReplayBuffer:
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def sample(self, batch_size: int, history: int = 1) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, history: int = 1,
+               task_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """A batch with round(batch_size * demo_fraction) demo transitions and the rest online (all from one
         part while the other is empty); every column but sim_state, and the observation windows a policy
         with `history` frames reads: `obs_window` (B, history, obs_dim), each transition's obs after the
         ones before it in its episode, and `window_mask` (B, history), False for frames before the episode's
-        start (or no longer stored), which repeat the earliest real frame, as LanguagePolicy pads."""
+        start (or no longer stored), which repeat the earliest real frame, as LanguagePolicy pads.
+
+        Every stored row is equally likely, so tasks with relabels fill more of the batch; `task_weights`
+        (one per task, not all zero) instead gives each part's tasks those shares of its rows (among the
+        tasks it holds), each task's rows equally likely."""
         if len(self) == 0:
             raise ValueError("sample: the replay buffer is empty")
+        if task_weights is not None:
+            task_weights = np.asarray(task_weights, dtype=np.float64)
+            if task_weights.shape != (len(self.tasks),) or (task_weights < 0).any() or not task_weights.any():
+                raise ValueError(f"sample: task_weights must be {len(self.tasks)} non-negative numbers, not all zero")
         demos = (batch_size if self.online_size == 0 else 0 if self.demo_size == 0
                  else round(batch_size * self.demo_fraction))
-        demo_rows = self.rng.integers(0, self.demo_size, size=demos)
-        online_rows = self.rng.integers(0, self.online_size, size=batch_size - demos)
+        demo_rows = self._draw(self._demos["task"], demos, task_weights)
+        online_rows = self._draw(self._online["task"][:self.online_size], batch_size - demos, task_weights)
         batch = {key: np.concatenate([self._demos[key][demo_rows], self._online[key][online_rows]])
                  for key in self.columns if key != "sim_state"}
         windows = [_windows(self._demos, demo_rows, history), _windows(self._online, online_rows, history)]
         batch["obs_window"] = np.concatenate([frames for frames, _ in windows])
         batch["window_mask"] = np.concatenate([mask for _, mask in windows])
         return batch
+
+    def _draw(self, tasks: np.ndarray, count: int, task_weights: np.ndarray | None) -> np.ndarray:
+        """`count` row indices of a part whose rows have these task indices: uniform, or by rejection so that
+        a row of task t is drawn with probability proportional to task_weights[t] / (rows of task t)."""
+        if task_weights is None or count == 0:
+            return self.rng.integers(0, len(tasks), size=count)
+        rows_per_task = np.bincount(tasks, minlength=len(self.tasks))
+        per_row = np.where(rows_per_task > 0, task_weights / np.maximum(rows_per_task, 1), 0.0)
+        if not per_row.any():  # this part holds only tasks weighted zero
+            return self.rng.integers(0, len(tasks), size=count)
+        accept = per_row / per_row.max()
+        drawn: list[np.ndarray] = []
+        while sum(map(len, drawn)) < count:
+            candidates = self.rng.integers(0, len(tasks), size=4 * count)
+            drawn.append(candidates[self.rng.random(4 * count) < accept[tasks[candidates]]])
+        return np.concatenate(drawn)[:count]
 
     # ---- saving -------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from lcbc.envs.metaworld import (
 from lcbc.errors import UserError
 from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
-from lcbc.rl.collector import Collector
+from lcbc.rl.collector import NOISE, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import RelabelConfig, ReplayBuffer
@@ -45,6 +45,10 @@ from lcbc.training.cli import RunFolderCLI
 # their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
 # hindsight relabels of failed episodes supply successes even on tasks the policy rarely solves.
 IMITATE = ("all", "successful")
+# How a batch divides among the tasks: every stored transition equally likely ("rows": tasks with goal and
+# task relabels fill more of it), or each task in proportion to `solved_task_weight` plus the share of its
+# recent training episodes that failed ("failures": updates go where the policy still fails).
+TASK_SAMPLING = ("rows", "failures")
 
 
 class CollectionSteps:
@@ -75,7 +79,8 @@ class FineTuning(L.LightningModule):
 
     def __init__(self, policy: str, benchmark: str = "MT10", demos: list[str] | None = None,
                  total_env_steps: int = 200_000, envs_per_task: int = 2, max_episode_steps: int = 200,
-                 exploration_std: float = 0.1, reward: str = "sparse", relabel: dict | None = None,
+                 exploration_std: float = 0.1, exploration_noise: str = "white", reward: str = "sparse",
+                 relabel: dict | None = None, task_sampling: str = "rows", solved_task_weight: float = 0.25,
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
@@ -90,8 +95,11 @@ class FineTuning(L.LightningModule):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
-        if imitate not in IMITATE:
-            raise UserError(f"model.imitate: {imitate!r} is not one of {', '.join(IMITATE)}")
+        for name, allowed in (("imitate", IMITATE), ("task_sampling", TASK_SAMPLING), ("exploration_noise", NOISE)):
+            if self.hparams[name] not in allowed:
+                raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
+        if not solved_task_weight > 0:
+            raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
         self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers)
         self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
@@ -126,7 +134,8 @@ class FineTuning(L.LightningModule):
             raise UserError("fine-tuning conditions on tasks; this policy is goal-conditioned")
         self.register_buffer("task_inputs", inputs, persistent=False)
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
-        self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std, hp.seed)
+        self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
+                                   hp.exploration_noise, hp.seed)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
@@ -175,6 +184,8 @@ class FineTuning(L.LightningModule):
         self.log("env_steps", float(self.env_steps), prog_bar=True)
         if self.collector.recent_successes:
             self.log("collect/success", self.collector.success_rate, prog_bar=True)
+            self.log_dict({f"collect/{task}": 1.0 - rate
+                           for task, rate in zip(self.tasks, self.collector.failure_rates())})
         if self.env_steps >= hp.learning_starts:
             self.log_dict(self._update())
         done = self.env_steps >= hp.total_env_steps
@@ -186,7 +197,8 @@ class FineTuning(L.LightningModule):
     def _update(self) -> dict[str, torch.Tensor]:
         """One IQL update of the critics and, once `actor_starts` env steps are in, the actor."""
         hp = self.hparams
-        sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history)
+        weights = hp.solved_task_weight + self.collector.failure_rates() if hp.task_sampling == "failures" else None
+        sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history, task_weights=weights)
         self._augment_actor_windows(sample)
         batch = {key: torch.as_tensor(value) for key, value in sample.items()}
         task = {self.task_key: self.task_inputs[batch["task"]]}
