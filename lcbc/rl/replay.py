@@ -204,6 +204,13 @@ def reaches_goal(success: np.ndarray) -> np.ndarray:
     return np.logical_or.accumulate(success[::-1])[::-1]
 
 
+def newly_reached(success: np.ndarray) -> np.ndarray:
+    """(T,) success after each step, less the successes the episode starts with: a task that already holds
+    in the first state (drawer-close scored on a drawer-open episode, whose drawer starts closed) asks
+    nothing of the actions, so they are not imitated for it, as goals where the object already stood."""
+    return success & ~np.logical_and.accumulate(success)
+
+
 def with_goal(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
     """Observations with their goal dimensions replaced. env.step clips them to the task's goal box, but
     relabeled goals can lie outside it (hand positions for reach, push's goals at table height for reach
@@ -373,7 +380,7 @@ class ReplayBuffer:
                                   relabeled, i, GOAL_RELABEL, ahead[:, i] & moved[:, i]))
         for other, scores in self._task_relabels(task, scene, states, actions):
             parts.append(rows(other, scores.obs[:-1], scores.obs[1:], scores.target, scores, 0, TASK_RELABEL,
-                              reaches_goal(scores.success[:, 0])))
+                              reaches_goal(newly_reached(scores.success[:, 0]))))
         return _concatenate(parts)
 
     def _reward(self, scores: Scores) -> np.ndarray:
