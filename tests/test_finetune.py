@@ -18,7 +18,8 @@ from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
 from lcbc.rl.collector import exploration_goal, pink_noise
-from lcbc.rl.iql import awr_weights, expectile_loss
+from lcbc.rl.iql import actor_loss, awr_weights, expectile_loss
+from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
 from lcbc.training.finetune import FineTuning, finetune_cli
 
@@ -184,6 +185,49 @@ def test_log_likelihood_is_the_cloning_loss_per_sample(trained_policy):  # noqa:
         loss = RT1.loss(policy.logits(batch), policy.action_tokenizer.targets(batch["actions"]), batch["action_mask"])
     assert log_likelihood.shape == (5,)
     assert (-log_likelihood.mean() / 4).item() == pytest.approx(loss.item(), rel=1e-5)  # mean over 4 action dims
+
+
+@pytest.mark.parametrize("pcgrad", [False, True])
+def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad, trained_policy):  # noqa: F811
+    """Under `imitate: successful` the actor runs RT-1 on the rows it imitates only; its gradient must equal
+    the weighted loss over the whole batch, where the other rows weigh zero (per task under PCGrad)."""
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate="successful", pcgrad=pcgrad)
+    module.setup("fit")
+    module.manual_backward = lambda loss: loss.backward()
+    generator = torch.Generator().manual_seed(0)
+    history = module.policy.rt1_config.history
+    batch = {"obs_window": torch.randn(8, history, 39, generator=generator),
+             "window_mask": torch.ones(8, history, dtype=torch.bool),
+             "action": torch.rand(8, 4, generator=generator) * 2 - 1,
+             "reaches_goal": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool),
+             "task": torch.tensor([0, 1, 0, 1, 0, 1, 0, 0])}
+    task = {module.task_key: module.task_inputs[batch["task"]]}
+    advantage = torch.randn(8, generator=generator)
+    parameters = module._actor_parameters()
+
+    torch.manual_seed(0)  # PCGrad's task order
+    metrics = module._actor_backward(batch, task, advantage)
+    skipped = [p.grad.clone() for p in parameters]
+    assert metrics["actor/imitated"].item() == 0.5
+
+    module.policy.zero_grad()
+    weights = awr_weights(advantage, module.iql.beta, module.iql.max_weight) * batch["reaches_goal"]
+    actions = torch.zeros(8, module.policy.rt1_config.action_chunk, 4)
+    actions[:, 0] = batch["action"]
+    action_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)
+    action_mask[:, 0] = True
+    log_likelihood = module.policy.log_likelihood({
+        "obs": {"state": batch["obs_window"]}, "obs_mask": batch["window_mask"], "actions": actions,
+        "action_mask": action_mask, **task})
+    torch.manual_seed(0)
+    if pcgrad:
+        pcgrad_backward([actor_loss(log_likelihood[batch["task"] == t], weights[batch["task"] == t]) for t in (0, 1)],
+                        parameters)
+    else:
+        actor_loss(log_likelihood, weights).backward()
+    assert any(grad.abs().max() > 0 for grad in skipped)
+    for grad, parameter in zip(skipped, parameters):
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_replay_windows_are_the_episode_frames_with_the_row_goal():
