@@ -54,6 +54,7 @@ model:
   imitate: {"successful" if pcgrad else "all"}
   task_sampling: {"failures" if pcgrad else "rows"}
   exploration_noise: {"pink" if pcgrad else "white"}
+  policy_ema: 0.9
 """)
     return path
 
@@ -104,6 +105,11 @@ def test_finetune_collects_updates_evaluates_and_exports(finetuned, trained_poli
     exported = LanguagePolicy.from_pretrained(finetuned / "policy")
     before = LanguagePolicy.from_pretrained(trained_policy)
     assert exported.config == before.config
+    averaged, trained = ({key.removeprefix(prefix): value for key, value in state["state_dict"].items()
+                          if key.startswith(prefix)} for prefix in ("averaged_policy.", "policy."))
+    for key, value in exported.state_dict().items():  # the export is the running average, not the last weights
+        torch.testing.assert_close(value, averaged[key])
+    assert any(not torch.equal(averaged[key], trained[key]) for key in averaged)
     assert any(not torch.equal(a, b) for a, b in zip(exported.net.parameters(), before.net.parameters()))
     assert torch.equal(exported.task_encoder.instruction_embeddings, before.task_encoder.instruction_embeddings)
     exported.reset()
@@ -230,6 +236,18 @@ def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad
         torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_policy_average_moves_toward_the_trained_weights_by_one_minus_its_decay(trained_policy):  # noqa: F811
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, policy_ema=0.75)
+    module.setup("fit")
+    parameter = next(module.policy.net.parameters())
+    start = parameter.detach().clone()
+    with torch.no_grad():
+        parameter += 1.0
+    module._average_policy()
+    torch.testing.assert_close(next(module.averaged_policy.net.parameters()), start + 0.25)
+    assert module.evaluated_policy is module.averaged_policy
+
+
 def test_replay_windows_are_the_episode_frames_with_the_row_goal():
     goal = goal_for_episode("reach-v3", 0, 0)
     env = MetaWorldEnv("reach-v3", goal=goal)
@@ -312,6 +330,7 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3", "model: {task_sampling: tasks}", "model.task_sampling: 'tasks' is not one of rows, failures"),
     (None, "reach-v3", "model: {exploration_noise: red}", "model.exploration_noise: 'red' is not one of white, pink"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
+    (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

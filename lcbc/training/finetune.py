@@ -86,7 +86,7 @@ class FineTuning(L.LightningModule):
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0, eval_every: int = 25_000,
+                 shift_state_xy: float = 0.0, policy_ema: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +98,8 @@ class FineTuning(L.LightningModule):
         for name, allowed in (("imitate", IMITATE), ("task_sampling", TASK_SAMPLING), ("exploration_noise", NOISE)):
             if self.hparams[name] not in allowed:
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= policy_ema < 1.0:
+            raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -118,6 +120,9 @@ class FineTuning(L.LightningModule):
         # The policy keeps the mode it was exported in (no dropout): its decoded actions are the ones
         # evaluation sees, and the advantage weights, not noise, decide what it learns.
         self.policy.eval()
+        # What evaluation and export see: the trained policy, or with `policy_ema` a running average of its
+        # weights (the collector keeps acting with the trained one).
+        self.averaged_policy = copy.deepcopy(self.policy).requires_grad_(False) if hp.policy_ema else None
         self.inputs = CriticInputs(self.policy)
         self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
         # What the policy's task encoder takes for each task: the cached embedding of its canonical
@@ -220,7 +225,18 @@ class FineTuning(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(group["params"], hp.gradient_clip)
         optimizer.step()
         self.critics.update_target(self.iql.polyak)
+        if self.averaged_policy is not None and self.env_steps >= hp.actor_starts:
+            self._average_policy()
         return metrics
+
+    @torch.no_grad()
+    def _average_policy(self) -> None:
+        """averaged <- policy_ema * averaged + (1 - policy_ema) * policy, after every actor update: the
+        advantage-weighted updates of a small, shifting replay make the policy's success swing by several
+        points between evaluations; the average follows its trend without the swings."""
+        for averaged, trained in zip(self.averaged_policy.parameters(), self.policy.parameters()):
+            if trained.requires_grad:  # the frozen task encoder stays as it is
+                averaged.lerp_(trained, 1.0 - self.hparams.policy_ema)
 
     def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
@@ -274,8 +290,8 @@ class FineTuning(L.LightningModule):
         """Success on evaluation goals (seed 1) with the decoded actions, no noise. A copy of the policy runs
         it, so the collector's per-environment observation history stays intact."""
         hp = self.hparams
-        result = rollout(PolicyActor(copy.deepcopy(self.policy)), self.tasks, hp.eval_episodes, seed=EVAL_SEED,
-                         envs_per_task=hp.eval_envs_per_task, progress=False)
+        result = rollout(PolicyActor(copy.deepcopy(self.evaluated_policy)), self.tasks, hp.eval_episodes,
+                         seed=EVAL_SEED, envs_per_task=hp.eval_envs_per_task, progress=False)
         rates = {f"eval/{task}": result.success_rate(task) for task in self.tasks}
         rates["eval/success"] = float(np.mean(list(rates.values())))
         rates["env_steps"] = float(self.env_steps)
@@ -283,8 +299,12 @@ class FineTuning(L.LightningModule):
             logger.log_metrics(rates, step=self.global_step)
         self.log("eval/success", rates["eval/success"], prog_bar=True, logger=False)
 
+    @property
+    def evaluated_policy(self) -> LanguagePolicy:
+        return self.policy if self.averaged_policy is None else self.averaged_policy
+
     def export_policy(self, directory: str | Path) -> Path:
-        return self.policy.save_pretrained(directory)
+        return self.evaluated_policy.save_pretrained(directory)
 
 
 def _tensors(tree):
