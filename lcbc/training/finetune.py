@@ -235,8 +235,7 @@ class FineTuning(L.LightningModule):
         advantage-weighted updates of a small, shifting replay make the policy's success swing by several
         points between evaluations; the average follows its trend without the swings."""
         for averaged, trained in zip(self.averaged_policy.parameters(), self.policy.parameters()):
-            if trained.requires_grad:  # the frozen task encoder stays as it is
-                averaged.lerp_(trained, 1.0 - self.hparams.policy_ema)
+            averaged.lerp_(trained, 1.0 - self.hparams.policy_ema)
 
     def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
