@@ -269,6 +269,21 @@ def test_task_weights_set_each_tasks_share_of_the_batch():
             buffer.sample(10, task_weights=bad)
 
 
+def test_task_weights_can_leave_the_demonstrations_part_by_rows():
+    buffer = ReplayBuffer(["reach-v3", "drawer-close-v3"], 200, demo_fraction=0.5)
+    for task in buffer.tasks:
+        episode = expert_episode(task, steps=20)
+        buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"], source="demo")
+        buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"])
+    only_reach = np.array([1.0, 0.0])
+    weighted, online_only = (buffer.sample(4000, task_weights=only_reach, weigh_demos=weigh)
+                             for weigh in (True, False))
+    for batch, demo_reach_share in ((weighted, 1.0), (online_only, 0.5)):
+        demos, online = batch["source"] == DEMO, batch["source"] == ONLINE
+        assert demos.sum() == online.sum() == 2000 and (batch["task"][online] == 0).all()
+        assert np.mean(batch["task"][demos] == 0) == pytest.approx(demo_reach_share, abs=0.03)
+
+
 def test_ring_overwrites_the_oldest_transitions():
     buffer = ReplayBuffer(["reach-v3"], 50)
     episode = expert_episode("reach-v3", steps=20)

@@ -426,8 +426,8 @@ class ReplayBuffer:
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def sample(self, batch_size: int, history: int = 1,
-               task_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, history: int = 1, task_weights: np.ndarray | None = None,
+               weigh_demos: bool = True) -> dict[str, np.ndarray]:
         """A batch with round(batch_size * demo_fraction) demo transitions and the rest online (all from one
         part while the other is empty); every column but sim_state, and the observation windows a policy
         with `history` frames reads: `obs_window` (B, history, obs_dim), each transition's obs after the
@@ -436,7 +436,7 @@ class ReplayBuffer:
 
         Every stored row is equally likely, so tasks with relabels fill more of the batch; `task_weights`
         (one per task, not all zero) instead gives each part's tasks those shares of its rows (among the
-        tasks it holds), each task's rows equally likely."""
+        tasks it holds), each task's rows equally likely; the online part's only if not `weigh_demos`."""
         if len(self) == 0:
             raise ValueError("sample: the replay buffer is empty")
         if task_weights is not None:
@@ -445,7 +445,7 @@ class ReplayBuffer:
                 raise ValueError(f"sample: task_weights must be {len(self.tasks)} non-negative numbers, not all zero")
         demos = (batch_size if self.online_size == 0 else 0 if self.demo_size == 0
                  else round(batch_size * self.demo_fraction))
-        demo_rows = self._draw(self._demos["task"], demos, task_weights)
+        demo_rows = self._draw(self._demos["task"], demos, task_weights if weigh_demos else None)
         online_rows = self._draw(self._online["task"][:self.online_size], batch_size - demos, task_weights)
         batch = {key: np.concatenate([self._demos[key][demo_rows], self._online[key][online_rows]])
                  for key in self.columns if key != "sim_state"}

@@ -47,8 +47,9 @@ from lcbc.training.cli import RunFolderCLI
 IMITATE = ("all", "successful")
 # How a batch divides among the tasks: every stored transition equally likely ("rows": tasks with goal and
 # task relabels fill more of it), or each task in proportion to `solved_task_weight` plus the share of its
-# recent training episodes that failed ("failures": updates go where the policy still fails).
-TASK_SAMPLING = ("rows", "failures")
+# recent training episodes that failed ("failures": updates go where the policy still fails), or that for the
+# online part only, the demonstrations' part by rows ("online_failures": solved tasks keep their demos' share).
+TASK_SAMPLING = ("rows", "failures", "online_failures")
 
 
 class CollectionSteps:
@@ -202,8 +203,9 @@ class FineTuning(L.LightningModule):
     def _update(self) -> dict[str, torch.Tensor]:
         """One IQL update of the critics and, once `actor_starts` env steps are in, the actor."""
         hp = self.hparams
-        weights = hp.solved_task_weight + self.collector.failure_rates() if hp.task_sampling == "failures" else None
-        sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history, task_weights=weights)
+        weights = hp.solved_task_weight + self.collector.failure_rates() if hp.task_sampling != "rows" else None
+        sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history, task_weights=weights,
+                                    weigh_demos=hp.task_sampling == "failures")
         self._augment_actor_windows(sample)
         batch = {key: torch.as_tensor(value) for key, value in sample.items()}
         task = {self.task_key: self.task_inputs[batch["task"]]}
