@@ -269,23 +269,36 @@ class FineTuning(L.LightningModule):
         rows = torch.nonzero(weights > 0).squeeze(1)
         if len(rows) == 0:
             return metrics
-        chunk = self.policy.rt1_config.action_chunk
-        actions = torch.zeros(len(rows), chunk, batch["action"].shape[-1])
-        actions[:, 0] = batch["action"][rows]  # the step's action; later chunk steps are masked out
-        action_mask = torch.zeros(len(rows), chunk, dtype=torch.bool)
-        action_mask[:, 0] = True
-        log_likelihood = torch.zeros(len(weights)).index_put((rows,), self.policy.log_likelihood({
-            "obs": self.inputs.observation(batch["obs_window"][rows]), "obs_mask": batch["window_mask"][rows],
-            "actions": actions, "action_mask": action_mask, **{key: value[rows] for key, value in task.items()}}))
         if hp.pcgrad:
-            losses = [actor_loss(log_likelihood[batch["task"] == t], weights[batch["task"] == t])
-                      for t in torch.unique(batch["task"])]
-            pcgrad_backward(losses, self._actor_parameters())
-            loss = torch.stack(losses).mean().detach()
+            # One RT-1 pass per task, on its own rows: a task's backward then runs through those rows only,
+            # where one pass over the batch would run the whole batch's backward once per task (2.2x slower).
+            tasks = torch.unique(batch["task"])
+            losses = []
+            for t in tasks:
+                task_rows = rows[batch["task"][rows] == t]
+                if len(task_rows):  # each task's loss is the mean over all its rows, the unimitated weighing 0
+                    losses.append(actor_loss(self._log_likelihood(batch, task, task_rows), weights[task_rows])
+                                  * len(task_rows) / (batch["task"] == t).sum())
+            # A task with nothing to imitate adds a zero gradient to the mean over all tasks, which PCGrad
+            # leaves unprojected and projects nothing off: the same as scaling the others' mean.
+            pcgrad_backward([loss * len(losses) / len(tasks) for loss in losses], self._actor_parameters())
+            loss = torch.stack(losses).sum() / len(tasks)
         else:
+            log_likelihood = torch.zeros(len(weights)).index_put((rows,), self._log_likelihood(batch, task, rows))
             loss = actor_loss(log_likelihood, weights)
             self.manual_backward(loss)
         return {"actor/loss": loss.detach(), **metrics}
+
+    def _log_likelihood(self, batch: dict, task: dict, rows: torch.Tensor) -> torch.Tensor:
+        """RT-1's log-likelihood of the replay's action at these rows of the batch, as their chunk's first step."""
+        chunk = self.policy.rt1_config.action_chunk
+        actions = torch.zeros(len(rows), chunk, batch["action"].shape[-1])
+        actions[:, 0] = batch["action"][rows]  # later chunk steps are masked out
+        action_mask = torch.zeros(len(rows), chunk, dtype=torch.bool)
+        action_mask[:, 0] = True
+        return self.policy.log_likelihood({
+            "obs": self.inputs.observation(batch["obs_window"][rows]), "obs_mask": batch["window_mask"][rows],
+            "actions": actions, "action_mask": action_mask, **{key: value[rows] for key, value in task.items()}})
 
     def _evaluate(self) -> None:
         """Success on evaluation goals (seed 1) with the decoded actions, no noise. A copy of the policy runs
