@@ -210,6 +210,13 @@ def test_high_and_random_task_strategies():
         buffer.config = config
         relabeled = added(buffer, "push-v3")
         assert set(relabeled["task"][relabeled["relabel"] == TASK_RELABEL]) == expected
+    # A drawer-open episode starts with drawer-close holding until the drawer opens: that scores for `all`,
+    # never for `high`, which counts no success the episode starts with.
+    drawers = ReplayBuffer(["drawer-open-v3", "drawer-close-v3"], 50_000, RelabelConfig(task_strategy="all"))
+    relabeled = added(drawers, "drawer-open-v3")
+    assert relabeled["reward"][relabeled["relabel"] == TASK_RELABEL][0] == 1
+    drawers.config = RelabelConfig(task_strategy="high")
+    assert not (added(drawers, "drawer-open-v3")["relabel"] == TASK_RELABEL).any()
     buffer.config = RelabelConfig(task_strategy="random")
     picked = []
     for _ in range(6):

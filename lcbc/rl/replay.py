@@ -77,8 +77,8 @@ class RelabelConfig:
     it, 'episode' any step, 'final' the last step (one relabel: more copies would be identical).
     task_strategy picks other tasks of the same scene (SCENES) to score the whole episode with: 'all',
     'random' (`task_relabels` of them), 'high' (the `task_relabels` best whose return reaches
-    `high_return`, in units of the reward: with sparse rewards 1.0 means at least one successful step).
-    """
+    `high_return`, in units of the reward: with sparse rewards 1.0 means at least one successful step;
+    the steps of a success the episode starts with do not count, see `newly_reached`)."""
 
     reward: str = "sparse"
     goal_strategy: str = "none"
@@ -404,7 +404,10 @@ class ReplayBuffer:
             candidates = [candidates[i] for i in self.rng.permutation(len(candidates))[:count]]
         scored = [(other, self.scorer.score(other, scene, states, actions)) for other in candidates]
         if strategy == "high":
-            returns = {other: self._reward(scores).sum() for other, scores in scored}
+            # A task that holds from the first state (window-close on a window-open episode) would score every
+            # step until the episode undoes it: the most "successful" relabel, of actions that did nothing for it.
+            returns = {other: self._reward(scores)[~np.logical_and.accumulate(scores.success[:, 0])].sum()
+                       for other, scores in scored}
             scored = sorted((item for item in scored if returns[item[0]] >= self.config.high_return),
                             key=lambda item: -returns[item[0]])[:count]
         return scored
