@@ -204,11 +204,16 @@ def reaches_goal(success: np.ndarray) -> np.ndarray:
     return np.logical_or.accumulate(success[::-1])[::-1]
 
 
+def held_from_start(success: np.ndarray) -> np.ndarray:
+    """(T,) success after each step -> (T,) whether the task has held since the first step."""
+    return np.logical_and.accumulate(success)
+
+
 def newly_reached(success: np.ndarray) -> np.ndarray:
     """(T,) success after each step, less the successes the episode starts with: a task that already holds
     in the first state (drawer-close scored on a drawer-open episode, whose drawer starts closed) asks
     nothing of the actions, so they are not imitated for it, as goals where the object already stood."""
-    return success & ~np.logical_and.accumulate(success)
+    return success & ~held_from_start(success)
 
 
 def with_goal(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
@@ -406,7 +411,7 @@ class ReplayBuffer:
         if strategy == "high":
             # A task that holds from the first state (window-close on a window-open episode) would score every
             # step until the episode undoes it: the most "successful" relabel, of actions that did nothing for it.
-            returns = {other: self._reward(scores)[~np.logical_and.accumulate(scores.success[:, 0])].sum()
+            returns = {other: self._reward(scores)[~held_from_start(scores.success[:, 0])].sum()
                        for other, scores in scored}
             scored = sorted((item for item in scored if returns[item[0]] >= self.config.high_return),
                             key=lambda item: -returns[item[0]])[:count]
