@@ -121,13 +121,14 @@ def test_resume_continues_at_the_saved_step_with_the_replay_intact(finetuned, tr
     run = tmp_path / "run"
     shutil.copytree(finetuned / "checkpoints", run / "checkpoints")
     saved = saved_state(run)
-    finetune(trained_policy, write_config(tmp_path / "config.yaml", metaworld_file, 160, pcgrad=False), run, "--resume")
+    finetune(trained_policy, write_config(tmp_path / "config.yaml", metaworld_file, 160, pcgrad=False), run, "--resume",
+             "--", "--model.updates_per_step", "2")
 
     logged = metrics(run)
     assert min(logged["env_steps"]) == 122 and max(logged["env_steps"]) == 160  # not restarted at 0
     assert len(logged["eval/success"]) == 1  # only at the end: the start was evaluated before
     resumed = saved_state(run)
-    assert resumed["global_step"] == saved["global_step"] + 20  # one update per collection step
+    assert resumed["global_step"] == saved["global_step"] + 2 * 20  # two updates per collection step
     before, after = saved["lcbc_finetune"]["replay"], resumed["lcbc_finetune"]["replay"]
     for key, column in before["demos"].items():
         assert torch.equal(after["demos"][key], column), key

@@ -79,7 +79,8 @@ class FineTuning(L.LightningModule):
     (configs/finetune_mt10.yaml) documents every argument."""
 
     def __init__(self, policy: str, benchmark: str = "MT10", demos: list[str] | None = None,
-                 total_env_steps: int = 200_000, envs_per_task: int = 2, max_episode_steps: int = 200,
+                 total_env_steps: int = 200_000, envs_per_task: int = 2, updates_per_step: int = 1,
+                 max_episode_steps: int = 200,
                  exploration_std: float = 0.1, exploration_noise: str = "white", reward: str = "sparse",
                  relabel: dict | None = None, task_sampling: str = "rows", solved_task_weight: float = 0.25,
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
@@ -91,8 +92,8 @@ class FineTuning(L.LightningModule):
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        for name in ("total_env_steps", "envs_per_task", "max_episode_steps", "replay_capacity", "batch_size",
-                     "eval_every", "eval_episodes", "eval_envs_per_task"):
+        for name in ("total_env_steps", "envs_per_task", "updates_per_step", "max_episode_steps", "replay_capacity",
+                     "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task"):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
@@ -193,7 +194,9 @@ class FineTuning(L.LightningModule):
             self.log_dict({f"collect/{task}": 1.0 - rate
                            for task, rate in zip(self.tasks, self.collector.failure_rates())})
         if self.env_steps >= hp.learning_starts:
-            self.log_dict(self._update())
+            for _ in range(hp.updates_per_step):
+                metrics = self._update()
+            self.log_dict(metrics)
         done = self.env_steps >= hp.total_env_steps
         if done or self.env_steps // hp.eval_every > (self.env_steps - len(self.collector.envs)) // hp.eval_every:
             self._evaluate()
