@@ -17,7 +17,7 @@ from lcbc.cli import main
 from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
-from lcbc.rl.collector import exploration_goal, pink_noise
+from lcbc.rl.collector import Collector, exploration_goal, pink_noise
 from lcbc.rl.iql import actor_loss, awr_weights, expectile_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
@@ -158,6 +158,24 @@ def test_exploration_goals_are_new_every_episode_and_never_evaluations():
     assert len(set(scenes)) == 150 and not evaluation & set(scenes)
     # The demonstrations' goals (seed 0) come first.
     assert scenes[:50] == [tuple(scene_of(goal_for_episode("reach-v3", 0, number))) for number in range(50)]
+
+
+def test_failure_driven_collection_sends_environments_to_failing_tasks_and_reuses_them():
+    collector = Collector(["reach-v3", "drawer-open-v3", "drawer-close-v3"], task_collection="failures",
+                          solved_task_weight=0.25)
+    collector.task_successes["reach-v3"].extend([False] * 20)  # failure rate 1: weight 1.25
+    for task in ("drawer-open-v3", "drawer-close-v3"):  # solved: weight 0.25 each
+        collector.task_successes[task].extend([True] * 20)
+    started = [collector._next_task("reach-v3") for _ in range(3000)]
+    shares = [started.count(task) / len(started) for task in collector.tasks]
+    np.testing.assert_allclose(shares, [1.25 / 1.75, 0.25 / 1.75, 0.25 / 1.75], atol=0.03)
+    # A slot switching task parks its environment and takes a parked one of the new task when there is one.
+    first, second = collector.envs[0], collector.envs[1]
+    assert collector._env_for(0, "drawer-open-v3").task == "drawer-open-v3" and collector.envs[0] is not first
+    assert collector._env_for(1, "reach-v3") is first and collector._parked["drawer-open-v3"] == [second]
+    assert Collector(["reach-v3"])._next_task("reach-v3") == "reach-v3"  # uniform: a slot keeps its task
+    with pytest.raises(ValueError, match="task_collection"):
+        Collector(["reach-v3"], task_collection="hardest")
 
 
 def test_pink_noise_drifts_where_white_noise_averages_out():

@@ -1,6 +1,7 @@
 """Online experience for RL fine-tuning: many Meta-World envs stepped together, one batched policy call.
 
-Every task gets `envs_per_task` environments. Each runs one episode after another, every one on a new
+Every task starts with `envs_per_task` environments (slots). Each runs one episode after another (with
+`task_collection: failures` a slot's next episode may be another task's), every one on a new
 goal (`exploration_goal`: seed 0's, where the demonstrations came from, then seeds 2, 3, ...; never
 seed 1's, which evaluation uses), and a finished episode
 goes to the replay buffer as its simulator states and actions (the buffer recomputes observations and
@@ -30,6 +31,10 @@ from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
 
 TRAIN_SEED = 0
 NOISE = ("white", "pink")
+# Which task an environment runs next: always its own ("uniform": every task gets the same share of the
+# environment steps), or one drawn in proportion to `solved_task_weight` plus the share of the task's recent
+# episodes that failed ("failures": steps go where the policy still fails; solved tasks keep a share).
+TASK_COLLECTION = ("uniform", "failures")
 
 
 def pink_noise(rng: np.random.Generator, steps: int, dims: int) -> np.ndarray:
@@ -71,12 +76,18 @@ class Collector:
 
     def __init__(self, tasks: list[str], envs_per_task: int = 1, max_episode_steps: int = 500,
                  exploration_std: float = 0.1, exploration_noise: str = "white", seed: int = 0,
-                 recent: int = 100, recent_per_task: int = 20):
+                 recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
+                 solved_task_weight: float = 0.25):
         if exploration_noise not in NOISE:
             raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
+        if task_collection not in TASK_COLLECTION:
+            raise ValueError(f"task_collection: {task_collection!r} is not one of {', '.join(TASK_COLLECTION)}")
         warnings.filterwarnings("ignore", message="Constant")
         self.tasks = list(tasks)
+        self.task_collection, self.solved_task_weight = task_collection, solved_task_weight
+        # The environment each slot steps now; a slot that changes task parks its environment here for reuse.
         self.envs = [MetaWorldEnv(task, seed=TRAIN_SEED) for task in tasks for _ in range(envs_per_task)]
+        self._parked: dict[str, list[MetaWorldEnv]] = {task: [] for task in self.tasks}
         self.max_episode_steps = min(max_episode_steps, self.envs[0].max_episode_steps)
         self.exploration_std = exploration_std
         self.exploration_noise = exploration_noise
@@ -87,8 +98,23 @@ class Collector:
         self._episodes: list[Episode | None] = [None] * len(self.envs)
         self._observations: list[dict | None] = [None] * len(self.envs)
 
-    def _start(self, i: int) -> None:
+    def _next_task(self, current: str) -> str:
+        if self.task_collection == "uniform":
+            return current
+        weights = self.solved_task_weight + self.failure_rates()
+        return self.tasks[self.rng.choice(len(self.tasks), p=weights / weights.sum())]
+
+    def _env_for(self, i: int, task: str) -> MetaWorldEnv:
+        """Slot i's environment for `task`: its own, a parked one, or a new one."""
         env = self.envs[i]
+        if env.task != task:
+            self._parked[env.task].append(env)
+            parked = self._parked[task]
+            self.envs[i] = env = parked.pop() if parked else MetaWorldEnv(task, seed=TRAIN_SEED)
+        return env
+
+    def _start(self, i: int) -> None:
+        env = self._env_for(i, self._next_task(self.envs[i].task))
         number = self.episodes_started[env.task]
         self.episodes_started[env.task] += 1
         goal = exploration_goal(env.task, number)

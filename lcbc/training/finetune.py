@@ -35,7 +35,7 @@ from lcbc.envs.metaworld import (
 from lcbc.errors import UserError
 from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
-from lcbc.rl.collector import NOISE, Collector
+from lcbc.rl.collector import NOISE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import RelabelConfig, ReplayBuffer
@@ -82,7 +82,8 @@ class FineTuning(L.LightningModule):
                  total_env_steps: int = 200_000, envs_per_task: int = 2, updates_per_step: int = 1,
                  max_episode_steps: int = 200,
                  exploration_std: float = 0.1, exploration_noise: str = "white", reward: str = "sparse",
-                 relabel: dict | None = None, task_sampling: str = "rows", solved_task_weight: float = 0.25,
+                 relabel: dict | None = None, task_sampling: str = "rows", task_collection: str = "uniform",
+                 solved_task_weight: float = 0.25,
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
@@ -97,7 +98,9 @@ class FineTuning(L.LightningModule):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
-        for name, allowed in (("imitate", IMITATE), ("task_sampling", TASK_SAMPLING), ("exploration_noise", NOISE)):
+        choices = (("imitate", IMITATE), ("task_sampling", TASK_SAMPLING), ("task_collection", TASK_COLLECTION),
+                   ("exploration_noise", NOISE))
+        for name, allowed in choices:
             if self.hparams[name] not in allowed:
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= policy_ema < 1.0:
@@ -142,7 +145,8 @@ class FineTuning(L.LightningModule):
         self.register_buffer("task_inputs", inputs, persistent=False)
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
         self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
-                                   hp.exploration_noise, hp.seed)
+                                   hp.exploration_noise, hp.seed, task_collection=hp.task_collection,
+                                   solved_task_weight=hp.solved_task_weight)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
