@@ -101,7 +101,7 @@ class Collector:
     def _next_task(self, current: str) -> str:
         if self.task_collection == "uniform":
             return current
-        weights = self.solved_task_weight + self.failure_rates()
+        weights = self.task_weights()
         return self.tasks[self.rng.choice(len(self.tasks), p=weights / weights.sum())]
 
     def _env_for(self, i: int, task: str) -> MetaWorldEnv:
@@ -158,6 +158,11 @@ class Collector:
         """Per task, the share of its recent episodes that failed; 1.0 for a task with none finished yet."""
         return np.array([1.0 - np.mean(self.task_successes[task]) if self.task_successes[task] else 1.0
                          for task in self.tasks])
+
+    def task_weights(self) -> np.ndarray:
+        """Per task, `solved_task_weight` plus its failure rate: how strongly collection (`task_collection:
+        failures`) and the training batches (`task_sampling: failures`) lean toward it."""
+        return self.solved_task_weight + self.failure_rates()
 
     def state_dict(self) -> dict:
         """What a resumed run needs to go on where this one stopped: which goal each task runs next and the

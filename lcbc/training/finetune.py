@@ -210,7 +210,7 @@ class FineTuning(L.LightningModule):
     def _update(self) -> dict[str, torch.Tensor]:
         """One IQL update of the critics and, once `actor_starts` env steps are in, the actor."""
         hp = self.hparams
-        weights = hp.solved_task_weight + self.collector.failure_rates() if hp.task_sampling != "rows" else None
+        weights = self.collector.task_weights() if hp.task_sampling != "rows" else None
         sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history, task_weights=weights,
                                     weigh_demos=hp.task_sampling == "failures")
         self._augment_actor_windows(sample)
