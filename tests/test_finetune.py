@@ -18,7 +18,7 @@ from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
 from lcbc.rl.collector import Collector, exploration_goal, pink_noise
-from lcbc.rl.iql import actor_loss, awr_weights, expectile_loss
+from lcbc.rl.iql import Critics, IQLConfig, actor_loss, awr_weights, critic_loss, expectile_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
 from lcbc.training.finetune import FineTuning, finetune_cli
@@ -150,6 +150,25 @@ def test_expectile_loss_by_hand():
         expectile_loss(torch.tensor([0.0, 1.0]) - value, 0.9).backward()
         optimizer.step()
     assert value.item() == pytest.approx(0.9, abs=1e-4)
+
+
+@pytest.mark.parametrize("absorbing", [False, True])
+def test_q_regresses_onto_reward_plus_discounted_next_value_or_an_absorbing_success(absorbing):
+    """Q's target is r + gamma V(s') before a goal; at a terminal success it is r alone (sparse), or with
+    `absorbing_success` r / (1 - gamma): the success reward held for ever, so ending there is worth the
+    most a dense reward can give."""
+    torch.manual_seed(0)
+    critics, config = Critics(3, 2, hidden=8, layers=1), IQLConfig(gamma=0.9, absorbing_success=absorbing)
+    state, next_state, action = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 2)
+    reward, terminal = torch.tensor([0.3, 1.0]), torch.tensor([False, True])
+    loss, _, _ = critic_loss(critics, config, state, action, reward, terminal, next_state)
+    with torch.no_grad():
+        target = torch.stack([0.3 + 0.9 * critics.value(next_state)[0], torch.tensor(10.0 if absorbing else 1.0)])
+        q = critics.q_values(state, action)
+        value = critics.value(state)
+        expected = expectile_loss(critics.q_values(state, action, target=True).min(0).values - value, 0.9)
+        expected = expected + (q - target).square().mean(1).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_exploration_goals_are_new_every_episode_and_never_evaluations():

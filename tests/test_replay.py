@@ -20,6 +20,7 @@ from lcbc.envs.metaworld import (
 from lcbc.errors import UserError
 from lcbc.rl.replay import (
     DEMO,
+    DENSE_REWARD_MAX,
     GOAL_RELABEL,
     ONLINE,
     ORIGINAL,
@@ -94,7 +95,7 @@ def test_final_goal_relabels_equal_env_step_with_that_goal(task):
     sparse = added(ReplayBuffer([task], 1000, RelabelConfig(reward="sparse", **config)), task, steps=30)
     original, relabeled = (select(dense, dense["relabel"] == kind) for kind in (ORIGINAL, GOAL_RELABEL))
     assert len(original["reward"]) == len(relabeled["reward"]) == 30  # 'final' relabels each step once
-    np.testing.assert_array_equal(original["reward"], episode["rewards"].astype(np.float32))
+    np.testing.assert_array_equal(original["reward"], np.float32(episode["rewards"] / DENSE_REWARD_MAX))
     np.testing.assert_array_equal(original["next_obs"], episode["obs"][1:].astype(np.float32))  # rebuilt from states
     goal = relabeled["goal"][0]
     assert (relabeled["goal"] == goal).all() and (relabeled["obs"][:, -3:] == goal.astype(np.float32)).all()
@@ -107,7 +108,7 @@ def test_final_goal_relabels_equal_env_step_with_that_goal(task):
         _, reward, _, _, info = env.step(action)
         rewards.append(reward)
         successes.append(info["success"] > 0.5)
-    np.testing.assert_array_equal(relabeled["reward"], np.float32(rewards))
+    np.testing.assert_array_equal(relabeled["reward"], np.float32(np.array(rewards) / DENSE_REWARD_MAX))
     np.testing.assert_array_equal(relabeled["terminal"], successes)
     sparse_relabeled = select(sparse, sparse["relabel"] == GOAL_RELABEL)
     np.testing.assert_array_equal(sparse_relabeled["reward"], np.float32(successes))
@@ -160,7 +161,8 @@ def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task,
         sources = np.flatnonzero((achieved == goal).all(axis=1))
         assert len(sources) and (strategy == "episode" or sources.max() >= step)
         reward, success, _ = env_reports(env, relabeled["sim_state"][row], episode["actions"][step], goal)
-        assert relabeled["reward"][row] == np.float32(reward) and relabeled["terminal"][row] == success
+        assert relabeled["reward"][row] == np.float32(reward / DENSE_REWARD_MAX)
+        assert relabeled["terminal"][row] == success
     assert 0 < relabeled["terminal"].sum() < len(relabeled["terminal"])  # zero-reward relabels are kept too
 
 
@@ -179,7 +181,8 @@ def test_task_relabels_equal_the_other_tasks_env(task, others):
         target = env._target_pos.copy()
         for row, action in enumerate(episode["actions"]):
             reward, success, obs = env_reports(env, relabeled["sim_state"][row], action, target)
-            assert relabeled["reward"][row] == np.float32(reward) and relabeled["terminal"][row] == success
+            assert relabeled["reward"][row] == np.float32(reward / DENSE_REWARD_MAX)
+            assert relabeled["terminal"][row] == success
             # The current frame (the previous frame of row 0 is the fresh env's own reset) and the goal, unclipped.
             np.testing.assert_array_equal(relabeled["next_obs"][row, :18], np.float32(obs[:18]))
             assert (relabeled["next_obs"][row, 36:] == np.float32(target)).all()
@@ -192,7 +195,8 @@ def test_task_relabels_equal_the_other_tasks_env(task, others):
             # state follows the same trajectory, and its env.step reports the same rewards.
             restore_simulator_state(env, episode["states"][0])
             steps = [env.step(action) for action in episode["actions"]]
-            np.testing.assert_array_equal(relabeled["reward"], np.float32([step[1] for step in steps]))
+            rewards = [step[1] / DENSE_REWARD_MAX for step in steps]
+            np.testing.assert_array_equal(relabeled["reward"], np.float32(rewards))
             np.testing.assert_array_equal(relabeled["terminal"], [step[4]["success"] > 0.5 for step in steps])
 
 

@@ -13,7 +13,8 @@ Read top to bottom. Notation: s state, z task vector, a action, r reward, d term
 3. ``expectile_loss`` -- V regresses onto min_i Qtarget_i(s, a) with an asymmetric square (expectile tau):
                        with tau > 0.5 V approaches the best in-distribution action's value, not the mean.
 4. ``critic_loss``  -- L_V = E[|tau - 1(u < 0)| u^2], u = min_i Qtarget_i(s, a) - V(s)
-                       L_Q = sum_i E[(r + gamma (1 - d) V(s') - Q_i(s, a))^2]
+                       L_Q = sum_i E[(r + gamma (1 - d) V(s') + gamma d G - Q_i(s, a))^2]
+                       G = 0, or r / (1 - gamma) with `absorbing_success` (see IQLConfig)
 5. ``awr_weights``  -- w = min(exp(beta A / std(A)), max_weight), A = min_i Qtarget_i(s, a) - V(s), std over
                        the batch: beta is a temperature in units of the batch's advantage spread
 6. ``actor_loss``   -- L_pi = -E[w log pi(a | s, z)] (per task when PCGrad takes the tasks apart).
@@ -48,6 +49,10 @@ class IQLConfig:
     polyak: float = 0.005  # rate of the target Q networks
     hidden: int = 256  # critic MLP width
     layers: int = 2  # critic MLP hidden layers
+    # A terminal success keeps its reward forever after: its return is r / (1 - gamma). Needed with dense
+    # rewards, where an episode that ends at success would otherwise be worth less than one that hovers
+    # next to the goal collecting nearly the same reward every step; sparse rewards end at their only 1.
+    absorbing_success: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,7 +149,9 @@ def critic_loss(critics: Critics, config: IQLConfig, state: Tensor, action: Tens
     min_i Qtarget_i(s, a) - V(s) (detached) that weights the actor."""
     with torch.no_grad():
         target_q = critics.q_values(state, action, target=True).min(0).values
-        td_target = reward + config.gamma * (1 - terminal.float()) * critics.value(next_state)
+        after = torch.where(terminal, reward / (1 - config.gamma) if config.absorbing_success else 0.0,
+                            critics.value(next_state))
+        td_target = reward + config.gamma * after
     value = critics.value(state)
     value_loss = expectile_loss(target_q - value, config.expectile)
     q = critics.q_values(state, action)

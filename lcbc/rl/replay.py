@@ -11,7 +11,7 @@ zero rewards included: the critic learns from them what does not reach a goal.
 Rewards are never copied, always recomputed by the task's own Meta-World code. Each transition keeps
 the simulator state after its step; a cached env per task restores that state and calls the task's
 `evaluate_state`, exactly what `env.step` does after simulating. The reward is Meta-World's success
-(sparse: 1.0 or 0.0) or its shaped reward (dense).
+(sparse: 1.0 or 0.0) or its shaped reward divided by its maximum, 10 (dense: 0-1 a step, 1 at success).
 
 Meta-World's reward functions also read attributes that `reset` computes once per episode from the goal
 variation (the random vector that places object and goal, called the scene here): obj_init_pos,
@@ -51,6 +51,7 @@ TASK_STRATEGIES = ("none", "all", "random", "high")
 # The tasks with free goals (ACHIEVED_GOAL_IN_STATE), and what the simulator measures of each exactly:
 # reach the fingertip centre (`tcp_center`, radius 0.05), push (0.05) and pick-place (0.07) the object.
 ACHIEVED_GOAL = {task: "hand" if start == 0 else "object" for task, (start, _) in ACHIEVED_GOAL_IN_STATE.items()}
+DENSE_REWARD_MAX = 10.0  # Meta-World v3's shaped rewards lie in [0, 10] and are 10 at success
 SUCCESS_RADIUS = 0.05  # the smallest of the three (reach and push; pick-place 0.07)
 
 # MT10 tasks that share a scene: the same physics (reach/push/pick-place XML files differ only in the
@@ -389,7 +390,7 @@ class ReplayBuffer:
         return _concatenate(parts)
 
     def _reward(self, scores: Scores) -> np.ndarray:
-        return scores.success.astype(np.float64) if self.config.reward == "sparse" else scores.reward
+        return scores.success.astype(np.float64) if self.config.reward == "sparse" else scores.reward / DENSE_REWARD_MAX
 
     def _goal_steps(self, length: int) -> np.ndarray:
         """(T, k): for each transition, the steps whose achieved goals become its new goals."""

@@ -108,7 +108,8 @@ class FineTuning(L.LightningModule):
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
-        self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers)
+        self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers,
+                             absorbing_success=reward == "dense")
         self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
         self.env_steps = 0
         self.policy: LanguagePolicy | None = None
