@@ -153,20 +153,25 @@ def test_ignored_objects_come_from_random_demos_of_the_same_task(tmp_path):
 
 
 def test_shifted_windows_move_hand_puck_and_goal_together_in_xy(tmp_path):
-    path = write_demo_file(tmp_path / "d.hdf5", lengths=(5, 5), state_dim=39, instructions=["x"],
-                           tasks=["push-v3", "drawer-open-v3"])
+    """push moves along x and y, peg-insert-side along y only (its expert aims at a fixed x), the drawer not."""
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(5, 5, 5), state_dim=39, instructions=["x"],
+                           tasks=["push-v3", "drawer-open-v3", "peg-insert-side-v3"])
     ds = DemoDataset(path, history=3, shift_state_xy=0.05)
     torch.manual_seed(0)
     steps = np.repeat(np.arange(len(ds)), 20)
     state = ds.__getitems__(steps)["obs"]["state"].numpy().astype(np.float64)
     change = state - ds.low_dim["state"][ds.window_indices(steps)["history"]]
-    push = ds.demo_task[ds.step_demo[steps]] == ds.tasks.index("push-v3")
-    assert (change[~push] == 0).all()
+    task = np.array(ds.tasks)[ds.demo_task[ds.step_demo[steps]]]
+    assert (change[task == "drawer-open-v3"] == 0).all()
     xy = np.r_[0:2, 4:6, 18:20, 22:24, 36:38]  # hand, puck, their previous frame, goal
-    shift = change[push][:, :1, :2]  # each window's own offset
-    np.testing.assert_allclose(change[push][..., xy], np.tile(shift, (1, 3, 5)), atol=1e-5)
-    assert (change[push][..., np.setdiff1d(np.arange(39), xy)] == 0).all()  # heights, gripper, quaternions
-    assert np.abs(shift).max() <= 0.05 and np.abs(shift).max() > 0.04 and len(np.unique(shift[:, 0, 0])) > 50
+    for name in ("push-v3", "peg-insert-side-v3"):
+        moved = change[task == name]
+        shift = moved[:, :1, :2]  # each window's own offset
+        np.testing.assert_allclose(moved[..., xy], np.tile(shift, (1, 3, 5)), atol=1e-5)
+        assert (moved[..., np.setdiff1d(np.arange(39), xy)] == 0).all()  # heights, gripper, quaternions
+        assert np.abs(shift[..., 1]).max() <= 0.05 and np.abs(shift[..., 1]).max() > 0.04
+        assert len(np.unique(shift[:, 0, 1])) > 50
+        assert (np.abs(shift[..., 0]).max() > 0.04) == (name == "push-v3")
     with pytest.raises(UserError, match="shift_state_xy"):
         DemoDataset(path, shift_state_xy=-0.1)
 

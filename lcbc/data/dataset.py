@@ -15,8 +15,8 @@ hand, not the fingertips 4.5 cm below it, onto the goal and so succeeds with hal
 `shuffle_ignored_objects` gives every training window of a task whose expert ignores an object the state
 shows (IGNORED_OBJECTS_IN_STATE: reach's puck) that object as another demo of the task had it, so the
 policy cannot tell demos apart by it and has to read the goal. `shift_state_xy` moves hand, puck and goal
-of SHIFTABLE_TASKS windows together by up to that many metres across the table: their experts act on
-relative positions, so the policy learns to as well. `shift_images` moves each window's images by up to
+of the windows of tasks in SHIFT_AXES together by up to that many metres across the table: their experts act
+on relative positions, so the policy learns to as well. `shift_images` moves each window's images by up to
 that many pixels (random shift, Yarats et al. 2021): a few demos' frames then cover more than their
 exact pixel positions.
 
@@ -38,9 +38,9 @@ from lcbc.data.hdf5 import demo_instruction, masks, open_demo_file, validate
 from lcbc.envs.metaworld import (
     ACHIEVED_GOAL_IN_STATE,
     IGNORED_OBJECTS_IN_STATE,
-    SHIFTABLE_TASKS,
     move_positions_xy,
     replace_ignored_objects,
+    shift_axes,
 )
 from lcbc.errors import UserError
 
@@ -180,7 +180,7 @@ class DemoDataset(torch.utils.data.Dataset):
         achieved = [ACHIEVED_GOAL_IN_STATE.get(task, (-1, (0.0, 0.0, 0.0))) for task in tasks]
         self.demo_goal_source = np.array([start for start, _ in achieved])
         self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
-        self.demo_shiftable = np.array([task in SHIFTABLE_TASKS for task in tasks])
+        self.demo_shift_axes = shift_axes(tasks)
         self.tasks_ignoring_objects = [task for task in IGNORED_OBJECTS_IN_STATE if task in tasks]
         # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
         # the first `train_paraphrases` paraphrases; held-out paraphrases never enter training.
@@ -321,10 +321,9 @@ class DemoDataset(torch.utils.data.Dataset):
             replace_ignored_objects(state, rows, name, self.low_dim["state"][donors])
 
     def _shift_state_xy(self, state: np.ndarray, steps: np.ndarray) -> None:
-        """Move every position of the (B, H, D) windows of SHIFTABLE_TASKS by one uniform random x, y
-        offset per window, in place."""
-        rows = np.flatnonzero(self.demo_shiftable[self.step_demo[steps]])
-        move_positions_xy(state, rows, self.shift_state_xy, self._generator())
+        """Move every position of the (B, H, D) windows by one uniform random offset per window along its
+        task's SHIFT_AXES, in place."""
+        move_positions_xy(state, self.demo_shift_axes[self.step_demo[steps]], self.shift_state_xy, self._generator())
 
     def _shift_images(self, images: np.ndarray) -> np.ndarray:
         """(B, H, h, w, C) windows, each moved by one random offset of up to `shift_images` pixels in x

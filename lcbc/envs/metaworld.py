@@ -39,19 +39,28 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
-# Tasks whose expert acts on positions relative to each other only (hand, puck, goal), so moving all of
-# them across the table by the same x, y leaves its action unchanged; and where their xyz start in the
-# state: hand, puck, the hand and puck a step earlier, goal (the second object's slots stay zero).
-SHIFTABLE_TASKS = ("reach-v3", "push-v3", "pick-place-v3")
+# Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
+# together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
+# both for reach, push and pick-place; y only for peg-insert-side, whose expert carries the peg to a fixed
+# x in front of the hole. Where their xyz start in the state: hand, object, the hand and object a step
+# earlier, goal (the second object's slots stay zero).
+SHIFT_AXES = {"reach-v3": (True, True), "push-v3": (True, True), "pick-place-v3": (True, True),
+              "peg-insert-side-v3": (False, True)}
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
 
 
-def move_positions_xy(windows: np.ndarray, rows: np.ndarray, max_shift: float, rng: np.random.Generator) -> None:
-    """Move hand, puck and goal of the (B, H, D) state windows `rows` across the table by one uniform
-    random x, y offset per window, of up to `max_shift` metres, in place (for SHIFTABLE_TASKS)."""
-    shift = rng.uniform(-max_shift, max_shift, size=(len(rows), 1, 2)).astype(windows.dtype)
+def shift_axes(tasks: list[str]) -> np.ndarray:
+    """(len(tasks), 2) bool: the axes along which each task's windows may move (SHIFT_AXES; none for others)."""
+    return np.array([SHIFT_AXES.get(task, (False, False)) for task in tasks]).reshape(len(tasks), 2)
+
+
+def move_positions_xy(windows: np.ndarray, axes: np.ndarray, max_shift: float, rng: np.random.Generator) -> None:
+    """Move hand, object and goal of each (B, H, D) state window across the table by one uniform random
+    offset of up to `max_shift` metres along its `axes` ((B, 2) bool, from `shift_axes`), in place."""
+    rows = np.flatnonzero(axes.any(axis=1))
+    shift = rng.uniform(-max_shift, max_shift, size=(len(rows), 1, 2)) * axes[rows, None, :]
     for start in POSITIONS_IN_STATE:
-        windows[rows, :, start:start + 2] += shift
+        windows[rows, :, start:start + 2] += shift.astype(windows.dtype)
 
 
 def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:

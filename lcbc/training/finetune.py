@@ -27,10 +27,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import (
     IGNORED_OBJECTS_IN_STATE,
-    SHIFTABLE_TASKS,
     benchmark_tasks,
     move_positions_xy,
     replace_ignored_objects,
+    shift_axes,
 )
 from lcbc.errors import UserError
 from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
@@ -250,7 +250,7 @@ class FineTuning(L.LightningModule):
     def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
         stored): reach's ignored puck taken from another of the batch's reach rows, and hand, puck and goal
-        of SHIFTABLE_TASKS moved together across the table, so that the few demos' positions cannot stand
+        of the tasks in SHIFT_AXES moved together across the table, so that the few demos' positions cannot stand
         in for reading the goal."""
         hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
         if hp.shuffle_ignored_objects:
@@ -260,8 +260,7 @@ class FineTuning(L.LightningModule):
                     donors = rows[rng.integers(len(rows), size=len(rows))]
                     replace_ignored_objects(windows, rows, task, windows[donors, -1])
         if hp.shift_state_xy > 0:
-            shiftable = [self.tasks.index(task) for task in SHIFTABLE_TASKS if task in self.tasks]
-            move_positions_xy(windows, np.flatnonzero(np.isin(sample["task"], shiftable)), hp.shift_state_xy, rng)
+            move_positions_xy(windows, shift_axes(self.tasks)[sample["task"]], hp.shift_state_xy, rng)
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
