@@ -197,6 +197,19 @@ def test_failure_driven_collection_sends_environments_to_failing_tasks_and_reuse
         Collector(["reach-v3"], task_collection="hardest")
 
 
+@pytest.mark.parametrize("scale", ["fixed", "uniform"])
+def test_exploration_scale_is_the_same_every_episode_or_drawn_for_each(scale):
+    collector = Collector(["reach-v3"], max_episode_steps=200, exploration_scale=scale)
+    sizes = []
+    for _ in range(60):
+        collector._start(0)
+        sizes.append(collector._episodes[0].noise.std())  # in units of exploration_std
+    if scale == "fixed":
+        np.testing.assert_allclose(sizes, 1.0, atol=0.1)
+    else:  # uniform in [0, 1]: some quiet episodes, some at full scale, none above
+        assert min(sizes) < 0.1 and 0.9 < max(sizes) < 1.1 and 0.35 < np.mean(sizes) < 0.65
+
+
 def test_pink_noise_drifts_where_white_noise_averages_out():
     rng = np.random.default_rng(0)
     pink = np.stack([pink_noise(rng, 200, 4) for _ in range(200)])  # 200 episodes of 200 steps
@@ -374,6 +387,11 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3", "model: {task_sampling: tasks}",
      "model.task_sampling: 'tasks' is not one of rows, failures, online_failures"),
     (None, "reach-v3", "model: {exploration_noise: red}", "model.exploration_noise: 'red' is not one of white, pink"),
+    (None, "reach-v3", "model: {relabel: {goal_relabels: 0}}",
+     "model.relabel: RelabelConfig.goal_relabels: 0 is not a positive integer"),
+    (None, "reach-v3", "model: {relabel: {goal_relabel: 3}}", "unexpected keyword argument 'goal_relabel'"),
+    (None, "reach-v3", "model: {exploration_scale: wide}",
+     "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
 ])

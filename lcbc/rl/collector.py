@@ -15,6 +15,9 @@ The noise is white (independent every step) or pink (power falling as 1/frequenc
 episode; Eberhard et al. 2023): Meta-World's actions move the hand, so white noise averages out within a
 few steps and the hand ends where the policy would have taken it, while pink noise drifts it by
 centimetres over an episode, which spreads the positions that hindsight relabeling turns into goals.
+The noise's scale is `exploration_std` in every episode (`fixed`), or drawn for each episode uniformly
+between 0 and `exploration_std` (`uniform`): precise tasks then also get quiet episodes, which succeed
+more often, while others still drift far.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
 
 TRAIN_SEED = 0
 NOISE = ("white", "pink")
+NOISE_SCALE = ("fixed", "uniform")
 # Which task an environment runs next: always its own ("uniform": every task gets the same share of the
 # environment steps), or one drawn in proportion to `solved_task_weight` plus the share of the task's recent
 # episodes that failed ("failures": steps go where the policy still fails; solved tasks keep a share).
@@ -66,7 +70,7 @@ class Episode:
     task: str
     number: int
     goal: object
-    noise: np.ndarray  # (max_episode_steps, 4) exploration noise of unit scale, one row per step
+    noise: np.ndarray  # (max_episode_steps, 4) exploration noise in units of exploration_std, one row per step
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
 
@@ -75,11 +79,14 @@ class Collector:
     """Runs exploration episodes for every task and writes the finished ones into a ReplayBuffer."""
 
     def __init__(self, tasks: list[str], envs_per_task: int = 1, max_episode_steps: int = 500,
-                 exploration_std: float = 0.1, exploration_noise: str = "white", seed: int = 0,
+                 exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
+                 seed: int = 0,
                  recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
                  solved_task_weight: float = 0.25):
         if exploration_noise not in NOISE:
             raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
+        if exploration_scale not in NOISE_SCALE:
+            raise ValueError(f"exploration_scale: {exploration_scale!r} is not one of {', '.join(NOISE_SCALE)}")
         if task_collection not in TASK_COLLECTION:
             raise ValueError(f"task_collection: {task_collection!r} is not one of {', '.join(TASK_COLLECTION)}")
         warnings.filterwarnings("ignore", message="Constant")
@@ -90,7 +97,7 @@ class Collector:
         self._parked: dict[str, list[MetaWorldEnv]] = {task: [] for task in self.tasks}
         self.max_episode_steps = min(max_episode_steps, self.envs[0].max_episode_steps)
         self.exploration_std = exploration_std
-        self.exploration_noise = exploration_noise
+        self.exploration_noise, self.exploration_scale = exploration_noise, exploration_scale
         self.rng = np.random.default_rng(seed)
         self.episodes_started = dict.fromkeys(self.tasks, 0)  # per task: which training goal comes next
         self.recent_successes: deque[bool] = deque(maxlen=recent)
@@ -123,6 +130,8 @@ class Collector:
         shape = (self.max_episode_steps, self.envs[i].action_space.shape[0])
         noise = (pink_noise(self.rng, *shape) if self.exploration_noise == "pink"
                  else self.rng.standard_normal(shape))
+        if self.exploration_scale == "uniform":
+            noise *= self.rng.uniform()
         self._episodes[i] = Episode(env.task, number, goal, noise, [env.simulator_state()])
 
     def step(self, actor: PolicyActor, replay) -> int:

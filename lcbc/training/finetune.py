@@ -35,7 +35,7 @@ from lcbc.envs.metaworld import (
 from lcbc.errors import UserError
 from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
-from lcbc.rl.collector import NOISE, TASK_COLLECTION, Collector
+from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import RelabelConfig, ReplayBuffer
@@ -81,9 +81,9 @@ class FineTuning(L.LightningModule):
     def __init__(self, policy: str, benchmark: str = "MT10", demos: list[str] | None = None,
                  total_env_steps: int = 200_000, envs_per_task: int = 2, updates_per_step: int = 1,
                  max_episode_steps: int = 200,
-                 exploration_std: float = 0.1, exploration_noise: str = "white", reward: str = "sparse",
-                 relabel: dict | None = None, task_sampling: str = "rows", task_collection: str = "uniform",
-                 solved_task_weight: float = 0.25,
+                 exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
+                 reward: str = "sparse", relabel: dict[str, int | float | str] | None = None,
+                 task_sampling: str = "rows", task_collection: str = "uniform", solved_task_weight: float = 0.25,
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
@@ -99,7 +99,7 @@ class FineTuning(L.LightningModule):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
         choices = (("imitate", IMITATE), ("task_sampling", TASK_SAMPLING), ("task_collection", TASK_COLLECTION),
-                   ("exploration_noise", NOISE))
+                   ("exploration_noise", NOISE), ("exploration_scale", NOISE_SCALE))
         for name, allowed in choices:
             if self.hparams[name] not in allowed:
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
@@ -110,7 +110,10 @@ class FineTuning(L.LightningModule):
         self.automatic_optimization = False
         self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers,
                              absorbing_success=reward == "dense")
-        self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
+        try:
+            self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
+        except (TypeError, ValueError) as error:  # an unknown key or a bad value
+            raise UserError(f"model.relabel: {error}") from None
         self.env_steps = 0
         self.policy: LanguagePolicy | None = None
 
@@ -146,8 +149,8 @@ class FineTuning(L.LightningModule):
         self.register_buffer("task_inputs", inputs, persistent=False)
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
         self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
-                                   hp.exploration_noise, hp.seed, task_collection=hp.task_collection,
-                                   solved_task_weight=hp.solved_task_weight)
+                                   hp.exploration_noise, hp.exploration_scale, hp.seed,
+                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
