@@ -210,6 +210,27 @@ def test_exploration_scale_is_the_same_every_episode_or_drawn_for_each(scale):
         assert min(sizes) < 0.1 and 0.9 < max(sizes) < 1.1 and 0.35 < np.mean(sizes) < 0.65
 
 
+def test_random_hand_starts_spread_reach_episodes_and_leave_the_rest_alone():
+    """A share of reach's episodes starts with the hand elsewhere in HAND_START_BOX, the rest (and drawer's, whose
+    objects a moved hand would disturb) where the task puts it; the env keeps its own start for later resets."""
+    collector = Collector(["reach-v3", "drawer-open-v3"], random_hand_starts=0.5)
+    own_start = collector.envs[0]._env.hand_init_pos.copy()
+    reach, drawer = [], []
+    for _ in range(40):
+        collector._start(0)
+        collector._start(1)
+        reach.append(collector._observations[0]["state"][:3])
+        drawer.append(collector._observations[1]["state"][:3])
+    task_start = MetaWorldEnv("reach-v3").reset()[0]["state"][:3]
+    moved = np.linalg.norm(np.array(reach) - task_start, axis=1) > 0.02
+    assert 0.25 < moved.mean() < 0.75  # about half; the others at the task's own start
+    assert np.ptp(np.array(reach)[moved], axis=0).min() > 0.05  # spread in x, y and z
+    np.testing.assert_allclose(drawer, np.broadcast_to(drawer[0], (40, 3)), atol=1e-3)
+    np.testing.assert_array_equal(collector.envs[0]._env.hand_init_pos, own_start)
+    with pytest.raises(ValueError, match="random_hand_starts"):
+        Collector(["reach-v3"], random_hand_starts=1.5)
+
+
 def test_pink_noise_drifts_where_white_noise_averages_out():
     rng = np.random.default_rng(0)
     pink = np.stack([pink_noise(rng, 200, 4) for _ in range(200)])  # 200 episodes of 200 steps
@@ -330,7 +351,8 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
 
 
 def test_actor_windows_get_the_loaders_state_augmentations():
-    """Reach's puck comes from another reach row in every frame; hand, puck and goal of reach and push move
+    """Reach's puck comes from another reach row in every frame; pick-place's goal from another pick-place row
+    while the gripper is open; hand, puck and goal of reach and push move
     by one x, y offset per window; drawer-open and every other number stay as stored."""
     tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
     task = np.array([0, 0, 0, 0, 1, 2])
@@ -353,6 +375,25 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     np.testing.assert_array_equal(shuffled[4:], stored[4:])
     np.testing.assert_array_equal(np.delete(shuffled, np.r_[4:18, 22:36], axis=2),
                                   np.delete(stored, np.r_[4:18, 22:36], axis=2))
+
+    # Pick-place rows with the gripper open (state[3] > 0.73) take another pick-place row's goal; closed ones
+    # keep theirs, and nothing else changes.
+    pick_tasks, pick_task = ["pick-place-v3", "drawer-open-v3"], np.array([0, 0, 0, 0, 0, 1])
+    pick_windows = stored.copy()
+    pick_windows[:, :, 36:39] = pick_windows[:, :1, 36:39]  # a window's goal is the same in all its frames
+    pick_windows[:, -1, 3] = [1.0, 0.9, 1.0, 0.5, 0.4, 1.0]
+    module = FineTuning(policy="unused", shuffle_ignored_goals=True)
+    module.tasks, module.replay = pick_tasks, ReplayBuffer(pick_tasks, capacity=8)
+    sample = {"obs_window": pick_windows.copy(), "task": pick_task}
+    module._augment_actor_windows(sample)
+    goals = sample["obs_window"][..., 36:39]
+    pick_goals = {tuple(row) for row in pick_windows[:5, -1, 36:39]}
+    for row in range(3):
+        assert tuple(goals[row, 0]) in pick_goals
+        np.testing.assert_array_equal(goals[row, 0], goals[row, 1])
+    assert not np.array_equal(goals[:3], pick_windows[:3, :, 36:39])
+    np.testing.assert_array_equal(sample["obs_window"][3:], pick_windows[3:])
+    np.testing.assert_array_equal(sample["obs_window"][..., :36], pick_windows[..., :36])
 
     moved = augmented(shift_state_xy=0.05)
     offset = moved - stored
@@ -394,6 +435,7 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
+    (None, "reach-v3", "model: {random_hand_starts: 2}", "model.random_hand_starts: 2.0 is not between 0 and 1"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

@@ -39,6 +39,11 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
+# Tasks whose expert ignores the goal while its gripper is open, and the opening (state[3]) above which it
+# is: pick-place's expert first moves above the puck, descends and closes on it, whatever the goal; only
+# with the gripper closed (0.73 or less) does it head for the goal.
+GOAL_IGNORED_WHILE_OPEN = {"pick-place-v3": 0.73}
+GOAL_IN_STATE = slice(36, 39)
 # Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
 # together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
 # both for reach, push and pick-place; y only for peg-insert-side, whose expert carries the peg to a fixed
@@ -47,6 +52,10 @@ IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
 SHIFT_AXES = {"reach-v3": (True, True), "push-v3": (True, True), "pick-place-v3": (True, True),
               "peg-insert-side-v3": (False, True)}
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
+# Tasks whose objects a hand placed anywhere before the episode cannot disturb (reach's puck only marks
+# its goal variation), and the box such starts are drawn from: the goals' region and the space around it
+# that a hand passing a goal overshoots into.
+HAND_START_BOX = {"reach-v3": ((-0.2, 0.45, 0.05), (0.2, 1.0, 0.35))}
 
 
 def shift_axes(tasks: list[str]) -> np.ndarray:
@@ -68,6 +77,16 @@ def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, do
     states, in every frame (IGNORED_OBJECTS_IN_STATE: the task never moves them), in place."""
     for start, end in IGNORED_OBJECTS_IN_STATE.get(task, ()):
         windows[rows, :, start:end] = donors[:, None, start:end]
+
+
+def replace_ignored_goals(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:
+    """Give those of the (B, H, D) state windows `rows` of `task` whose last frame has the gripper open
+    (GOAL_IGNORED_WHILE_OPEN) the goals of the (len(rows), D) `donors` states, in every frame, in place."""
+    opening = GOAL_IGNORED_WHILE_OPEN.get(task)
+    if opening is None:
+        return
+    open_rows = windows[rows, -1, 3] > opening
+    windows[rows[open_rows], :, GOAL_IN_STATE] = donors[open_rows, None, GOAL_IN_STATE]
 
 
 def benchmark_tasks(spec: str) -> list[str]:
@@ -180,8 +199,15 @@ class MetaWorldEnv(gym.Env):
         return np.ascontiguousarray(image[::-1]) if self.camera in FLIPPED_CAMERAS else image
 
     def reset(self, *, seed=None, options=None):
+        """`options={"hand_start": xyz}` starts the hand there instead of at the task's own start."""
         super().reset(seed=seed)
-        state, info = self._env.reset()
+        own_start = self._env.hand_init_pos
+        if options and "hand_start" in options:
+            self._env.hand_init_pos = np.asarray(options["hand_start"], dtype=np.float64)
+        try:
+            state, info = self._env.reset()
+        finally:
+            self._env.hand_init_pos = own_start
         return self._observation(state), info
 
     def step(self, action):

@@ -26,9 +26,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import (
+    GOAL_IGNORED_WHILE_OPEN,
     IGNORED_OBJECTS_IN_STATE,
     benchmark_tasks,
     move_positions_xy,
+    replace_ignored_goals,
     replace_ignored_objects,
     shift_axes,
 )
@@ -89,7 +91,8 @@ class FineTuning(L.LightningModule):
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0, policy_ema: float = 0.0, eval_every: int = 25_000,
+                 shuffle_ignored_goals: bool = False, random_hand_starts: float = 0.0, shift_state_xy: float = 0.0,
+                 policy_ema: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -105,6 +108,8 @@ class FineTuning(L.LightningModule):
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
+        if not 0.0 <= random_hand_starts <= 1.0:
+            raise UserError(f"model.random_hand_starts: {random_hand_starts!r} is not between 0 and 1")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -150,7 +155,8 @@ class FineTuning(L.LightningModule):
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
         self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
-                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight)
+                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight,
+                                   random_hand_starts=hp.random_hand_starts)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
@@ -252,16 +258,20 @@ class FineTuning(L.LightningModule):
 
     def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
-        stored): reach's ignored puck taken from another of the batch's reach rows, and hand, puck and goal
+        stored): reach's ignored puck taken from another of the batch's reach rows, pick-place's goal while
+        the gripper is open (`shuffle_ignored_goals`) from another pick-place row, and hand, puck and goal
         of the tasks in SHIFT_AXES moved together across the table, so that the few demos' positions cannot stand
         in for reading the goal."""
         hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
-        if hp.shuffle_ignored_objects:
-            for task in IGNORED_OBJECTS_IN_STATE:
+        replacements = [(IGNORED_OBJECTS_IN_STATE, replace_ignored_objects)] if hp.shuffle_ignored_objects else []
+        if hp.shuffle_ignored_goals:
+            replacements.append((GOAL_IGNORED_WHILE_OPEN, replace_ignored_goals))
+        for ignoring, replace in replacements:
+            for task in ignoring:
                 if task in self.tasks:
                     rows = np.flatnonzero(sample["task"] == self.tasks.index(task))
                     donors = rows[rng.integers(len(rows), size=len(rows))]
-                    replace_ignored_objects(windows, rows, task, windows[donors, -1])
+                    replace(windows, rows, task, windows[donors, -1])
         if hp.shift_state_xy > 0:
             move_positions_xy(windows, shift_axes(self.tasks)[sample["task"]], hp.shift_state_xy, rng)
 
