@@ -210,27 +210,6 @@ def test_exploration_scale_is_the_same_every_episode_or_drawn_for_each(scale):
         assert min(sizes) < 0.1 and 0.9 < max(sizes) < 1.1 and 0.35 < np.mean(sizes) < 0.65
 
 
-def test_random_hand_starts_spread_reach_episodes_and_leave_the_rest_alone():
-    """A share of reach's episodes starts with the hand elsewhere in HAND_START_BOX, the rest (and drawer's, whose
-    objects a moved hand would disturb) where the task puts it; the env keeps its own start for later resets."""
-    collector = Collector(["reach-v3", "drawer-open-v3"], random_hand_starts=0.5)
-    own_start = collector.envs[0]._env.hand_init_pos.copy()
-    reach, drawer = [], []
-    for _ in range(40):
-        collector._start(0)
-        collector._start(1)
-        reach.append(collector._observations[0]["state"][:3])
-        drawer.append(collector._observations[1]["state"][:3])
-    task_start = MetaWorldEnv("reach-v3").reset()[0]["state"][:3]
-    moved = np.linalg.norm(np.array(reach) - task_start, axis=1) > 0.02
-    assert 0.25 < moved.mean() < 0.75  # about half; the others at the task's own start
-    assert np.ptp(np.array(reach)[moved], axis=0).min() > 0.05  # spread in x, y and z
-    np.testing.assert_allclose(drawer, np.broadcast_to(drawer[0], (40, 3)), atol=1e-3)
-    np.testing.assert_array_equal(collector.envs[0]._env.hand_init_pos, own_start)
-    with pytest.raises(ValueError, match="random_hand_starts"):
-        Collector(["reach-v3"], random_hand_starts=1.5)
-
-
 def test_pink_noise_drifts_where_white_noise_averages_out():
     rng = np.random.default_rng(0)
     pink = np.stack([pink_noise(rng, 200, 4) for _ in range(200)])  # 200 episodes of 200 steps
@@ -435,7 +414,6 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
-    (None, "reach-v3", "model: {random_hand_starts: 2}", "model.random_hand_starts: 2.0 is not between 0 and 1"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

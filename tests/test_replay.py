@@ -21,7 +21,6 @@ from lcbc.errors import UserError
 from lcbc.rl.replay import (
     DEMO,
     DENSE_REWARD_MAX,
-    EXPERT_AIM,
     GOAL_RELABEL,
     ONLINE,
     ORIGINAL,
@@ -165,28 +164,6 @@ def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task,
         assert relabeled["reward"][row] == np.float32(reward / DENSE_REWARD_MAX)
         assert relabeled["terminal"][row] == success
     assert 0 < relabeled["terminal"].sum() < len(relabeled["terminal"])  # zero-reward relabels are kept too
-
-
-@pytest.mark.parametrize("task", ["reach-v3", "pick-place-v3", "push-v3"])
-def test_expert_aim_puts_hindsight_goals_at_the_experts_hand_and_they_are_still_reached(task):
-    """goal_aim 'expert' moves each hindsight goal by EXPERT_AIM (push: not at all); the expert's hand ends
-    within 2 cm of the moved final goal, which the final step still reaches, rewards as the env reports."""
-    episode = expert_episode(task)
-    goals = {}
-    for aim in ("achieved", "expert"):
-        config = RelabelConfig(reward="dense", goal_strategy="final", goal_relabels=1, goal_aim=aim)
-        rows = added(ReplayBuffer([task], 5000, config), task)
-        goals[aim] = select(rows, rows["relabel"] == GOAL_RELABEL)
-    aimed = goals["expert"]
-    offset = EXPERT_AIM.get(task, np.zeros(3))
-    np.testing.assert_allclose(aimed["goal"] - goals["achieved"]["goal"], np.broadcast_to(offset, aimed["goal"].shape))
-    if task in EXPERT_AIM:
-        assert np.linalg.norm(episode["obs"][-1][:3] - aimed["goal"][-1]) < 0.02
-    assert aimed["terminal"][-1] and aimed["reaches_goal"][0]
-    env = fresh_env(task, episode["goal"])
-    for row in range(len(aimed["reward"])):
-        reward, success, _ = env_reports(env, aimed["sim_state"][row], episode["actions"][row], aimed["goal"][row])
-        assert aimed["reward"][row] == np.float32(reward / DENSE_REWARD_MAX) and aimed["terminal"][row] == success
 
 
 @pytest.mark.parametrize("task, others", [("drawer-open-v3", ["drawer-close-v3"]),

@@ -52,10 +52,6 @@ GOAL_IN_STATE = slice(36, 39)
 SHIFT_AXES = {"reach-v3": (True, True), "push-v3": (True, True), "pick-place-v3": (True, True),
               "peg-insert-side-v3": (False, True)}
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
-# Tasks whose objects a hand placed anywhere before the episode cannot disturb (reach's puck only marks
-# its goal variation), and the box such starts are drawn from: the goals' region and the space around it
-# that a hand passing a goal overshoots into.
-HAND_START_BOX = {"reach-v3": ((-0.2, 0.45, 0.05), (0.2, 1.0, 0.35))}
 
 
 def shift_axes(tasks: list[str]) -> np.ndarray:
@@ -199,15 +195,8 @@ class MetaWorldEnv(gym.Env):
         return np.ascontiguousarray(image[::-1]) if self.camera in FLIPPED_CAMERAS else image
 
     def reset(self, *, seed=None, options=None):
-        """`options={"hand_start": xyz}` starts the hand there instead of at the task's own start."""
         super().reset(seed=seed)
-        own_start = self._env.hand_init_pos
-        if options and "hand_start" in options:
-            self._env.hand_init_pos = np.asarray(options["hand_start"], dtype=np.float64)
-        try:
-            state, info = self._env.reset()
-        finally:
-            self._env.hand_init_pos = own_start
+        state, info = self._env.reset()
         return self._observation(state), info
 
     def step(self, action):

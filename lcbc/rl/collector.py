@@ -18,10 +18,6 @@ centimetres over an episode, which spreads the positions that hindsight relabeli
 The noise's scale is `exploration_std` in every episode (`fixed`), or drawn for each episode uniformly
 between 0 and `exploration_std` (`uniform`), so that precise tasks also get quiet episodes (measured no
 better: docs/RESULTS.md, twelfth try).
-
-`random_hand_starts` is the share of episodes, of the tasks in HAND_START_BOX (reach), whose hand starts
-anywhere in that box instead of at the task's start: evaluation starts every episode at the task's start,
-so without them the replay holds few ways toward a goal from beside or beyond it.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import GOALS_PER_SEED, HAND_START_BOX, MetaWorldEnv, goal_for_episode
+from lcbc.envs.metaworld import GOALS_PER_SEED, MetaWorldEnv, goal_for_episode
 from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
 
 TRAIN_SEED = 0
@@ -85,7 +81,7 @@ class Collector:
     def __init__(self, tasks: list[str], envs_per_task: int = 1, max_episode_steps: int = 500,
                  exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
                  seed: int = 0, recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
-                 solved_task_weight: float = 0.25, random_hand_starts: float = 0.0):
+                 solved_task_weight: float = 0.25):
         if exploration_noise not in NOISE:
             raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
         if exploration_scale not in NOISE_SCALE:
@@ -94,10 +90,7 @@ class Collector:
             raise ValueError(f"task_collection: {task_collection!r} is not one of {', '.join(TASK_COLLECTION)}")
         warnings.filterwarnings("ignore", message="Constant")
         self.tasks = list(tasks)
-        if not 0.0 <= random_hand_starts <= 1.0:
-            raise ValueError(f"random_hand_starts: {random_hand_starts!r} is not between 0 and 1")
         self.task_collection, self.solved_task_weight = task_collection, solved_task_weight
-        self.random_hand_starts = random_hand_starts
         # The environment each slot steps now; a slot that changes task parks its environment here for reuse.
         self.envs = [MetaWorldEnv(task, seed=TRAIN_SEED) for task in tasks for _ in range(envs_per_task)]
         self._parked: dict[str, list[MetaWorldEnv]] = {task: [] for task in self.tasks}
@@ -132,10 +125,7 @@ class Collector:
         self.episodes_started[env.task] += 1
         goal = exploration_goal(env.task, number)
         env.set_goal(goal)
-        options = None
-        if self.random_hand_starts and env.task in HAND_START_BOX and self.rng.uniform() < self.random_hand_starts:
-            options = {"hand_start": self.rng.uniform(*HAND_START_BOX[env.task])}
-        self._observations[i], _ = env.reset(options=options)
+        self._observations[i], _ = env.reset()
         shape = (self.max_episode_steps, self.envs[i].action_space.shape[0])
         noise = (pink_noise(self.rng, *shape) if self.exploration_noise == "pink"
                  else self.rng.standard_normal(shape))

@@ -37,7 +37,6 @@ from lcbc.data.hdf5 import demo_instruction, open_demo_file, validate
 from lcbc.envs.instructions import INSTRUCTIONS
 from lcbc.envs.metaworld import (
     ACHIEVED_GOAL_IN_STATE,
-    FINGERTIP_OFFSET,
     goal_for_episode,
     restore_simulator_state,
     simulator_state,
@@ -47,7 +46,6 @@ from lcbc.errors import UserError
 
 REWARDS = ("sparse", "dense")
 GOAL_STRATEGIES = ("none", "future", "final", "episode")
-GOAL_AIMS = ("achieved", "expert")
 TASK_STRATEGIES = ("none", "all", "random", "high")
 
 # The tasks with free goals (ACHIEVED_GOAL_IN_STATE), and what the simulator measures of each exactly:
@@ -55,11 +53,6 @@ TASK_STRATEGIES = ("none", "all", "random", "high")
 ACHIEVED_GOAL = {task: "hand" if start == 0 else "object" for task, (start, _) in ACHIEVED_GOAL_IN_STATE.items()}
 DENSE_REWARD_MAX = 10.0  # Meta-World v3's shaped rewards lie in [0, 10] and are 10 at success
 SUCCESS_RADIUS = 0.05  # the smallest of the three (reach and push; pick-place 0.07)
-# Where the experts hold their hand for a goal, from the point success measures: reach's hand at the goal,
-# the fingertips 4.5 cm below it; pick-place's hand at the goal, the puck held about 4 cm below it (the
-# demonstrations' last steps). `goal_aim: expert` puts hindsight goals there, so they ask for the hand
-# where the demonstrations put it instead of 4-5 cm lower, still within the success radius.
-EXPERT_AIM = {"reach-v3": -np.array(FINGERTIP_OFFSET), "pick-place-v3": np.array([0.0, 0.0, 0.04])}
 
 # MT10 tasks that share a scene: the same physics (reach/push/pick-place XML files differ only in the
 # goal site's position and colour; drawer-open/close and window-open/close load the same file; a test
@@ -82,8 +75,7 @@ class RelabelConfig:
 
     goal_strategy picks, for each transition of a goal-carrying task (ACHIEVED_GOAL), `goal_relabels`
     steps of the same episode whose achieved position becomes the new goal: 'future' a step at or after
-    it, 'episode' any step, 'final' the last step (one relabel: more copies would be identical). goal_aim
-    'expert' moves those goals by EXPERT_AIM, to where the experts' hand would be.
+    it, 'episode' any step, 'final' the last step (one relabel: more copies would be identical).
     task_strategy picks other tasks of the same scene (SCENES) to score the whole episode with: 'all',
     'random' (`task_relabels` of them), 'high' (the `task_relabels` best whose return reaches
     `high_return`, in units of the reward: with sparse rewards 1.0 means at least one successful step;
@@ -92,13 +84,12 @@ class RelabelConfig:
     reward: str = "sparse"
     goal_strategy: str = "none"
     goal_relabels: int = 4
-    goal_aim: str = "achieved"
     task_strategy: str = "none"
     task_relabels: int = 1
     high_return: float = 1.0
 
     def __post_init__(self):
-        for name, allowed in (("reward", REWARDS), ("goal_strategy", GOAL_STRATEGIES), ("goal_aim", GOAL_AIMS),
+        for name, allowed in (("reward", REWARDS), ("goal_strategy", GOAL_STRATEGIES),
                               ("task_strategy", TASK_STRATEGIES)):
             value = getattr(self, name)
             if value not in allowed:
@@ -383,13 +374,12 @@ class ReplayBuffer:
         parts = [rows(task, own.obs[:-1], own.obs[1:], own.target, own, 0, ORIGINAL, reaches_goal(own.success[:, 0]))]
         if self.config.goal_strategy != "none" and task in ACHIEVED_GOAL:
             goal_steps = self._goal_steps(len(actions))
-            achieved = own.achieved[goal_steps + 1]  # achieved[t + 1]: after step t
-            goals = achieved + (EXPERT_AIM.get(task, 0.0) if self.config.goal_aim == "expert" else 0.0)
+            goals = own.achieved[goal_steps + 1]  # achieved[t + 1]: after step t
             relabeled = self.scorer.score(task, scene, states, actions, goals)
             # A relabeled goal is reached at its own step; one where the thing already stood at the start
             # asked for nothing, so imitating the way there teaches nothing either.
             ahead = goal_steps >= np.arange(len(actions))[:, None]
-            moved = np.linalg.norm(achieved - own.achieved[0], axis=-1) > SUCCESS_RADIUS
+            moved = np.linalg.norm(goals - own.achieved[0], axis=-1) > SUCCESS_RADIUS
             for i in range(goals.shape[1]):
                 goal = goals[:, i]
                 parts.append(rows(task, with_goal(own.obs[:-1], goal), with_goal(own.obs[1:], goal), goal,

@@ -91,7 +91,7 @@ class FineTuning(L.LightningModule):
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
-                 shuffle_ignored_goals: bool = False, random_hand_starts: float = 0.0, shift_state_xy: float = 0.0,
+                 shuffle_ignored_goals: bool = False, shift_state_xy: float = 0.0,
                  policy_ema: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
@@ -108,8 +108,6 @@ class FineTuning(L.LightningModule):
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
-        if not 0.0 <= random_hand_starts <= 1.0:
-            raise UserError(f"model.random_hand_starts: {random_hand_starts!r} is not between 0 and 1")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -155,8 +153,7 @@ class FineTuning(L.LightningModule):
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
         self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
-                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight,
-                                   random_hand_starts=hp.random_hand_starts)
+                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
