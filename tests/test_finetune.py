@@ -338,10 +338,10 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     stored = np.random.default_rng(0).normal(size=(6, 2, 39)).astype(np.float32)
     stored[:, 1, 4:18] = stored[:, 0, 4:18]  # reach's puck never moves within a window
 
-    def augmented(**options) -> np.ndarray:
+    def augmented(tasks=tasks, task=task, windows=stored, **options) -> np.ndarray:
         module = FineTuning(policy="unused", **options)
         module.tasks, module.replay = tasks, ReplayBuffer(tasks, capacity=8)
-        sample = {"obs_window": stored.copy(), "task": task}
+        sample = {"obs_window": windows.copy(), "task": task}
         module._augment_actor_windows(sample)
         return sample["obs_window"]
 
@@ -361,18 +361,15 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     pick_windows = stored.copy()
     pick_windows[:, :, 36:39] = pick_windows[:, :1, 36:39]  # a window's goal is the same in all its frames
     pick_windows[:, -1, 3] = [1.0, 0.9, 1.0, 0.5, 0.4, 1.0]
-    module = FineTuning(policy="unused", shuffle_ignored_goals=True)
-    module.tasks, module.replay = pick_tasks, ReplayBuffer(pick_tasks, capacity=8)
-    sample = {"obs_window": pick_windows.copy(), "task": pick_task}
-    module._augment_actor_windows(sample)
-    goals = sample["obs_window"][..., 36:39]
+    goal_shuffled = augmented(pick_tasks, pick_task, pick_windows, shuffle_ignored_goals=True)
+    goals = goal_shuffled[..., 36:39]
     pick_goals = {tuple(row) for row in pick_windows[:5, -1, 36:39]}
     for row in range(3):
         assert tuple(goals[row, 0]) in pick_goals
         np.testing.assert_array_equal(goals[row, 0], goals[row, 1])
     assert not np.array_equal(goals[:3], pick_windows[:3, :, 36:39])
-    np.testing.assert_array_equal(sample["obs_window"][3:], pick_windows[3:])
-    np.testing.assert_array_equal(sample["obs_window"][..., :36], pick_windows[..., :36])
+    np.testing.assert_array_equal(goal_shuffled[3:], pick_windows[3:])
+    np.testing.assert_array_equal(goal_shuffled[..., :36], pick_windows[..., :36])
 
     moved = augmented(shift_state_xy=0.05)
     offset = moved - stored
