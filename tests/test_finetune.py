@@ -244,17 +244,21 @@ def test_log_likelihood_is_the_cloning_loss_per_sample(trained_policy):  # noqa:
     assert (-log_likelihood.mean() / 4).item() == pytest.approx(loss.item(), rel=1e-5)  # mean over 4 action dims
 
 
-@pytest.mark.parametrize(("pcgrad", "reaches_goal"), [
-    (False, [1, 0, 1, 1, 0, 0, 1, 0]),
-    (True, [1, 0, 1, 1, 0, 0, 1, 0]),
-    (True, [1, 0, 1, 0, 0, 0, 1, 0]),  # task 1 imitates nothing, yet counts in the mean over tasks
+@pytest.mark.parametrize(("pcgrad", "reaches_goal", "demo_goal_weights"), [
+    (False, [1, 0, 1, 1, 0, 0, 1, 0], None),
+    (True, [1, 0, 1, 1, 0, 0, 1, 0], None),
+    (True, [1, 0, 1, 0, 0, 0, 1, 0], None),  # task 1 imitates nothing, yet counts in the mean over tasks
+    (False, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.0}),  # rows 0 and 6: reach demos with their own goal
+    (True, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.5, "drawer-open-v3": 0.0}),
 ])
-def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad, reaches_goal,
+def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad, reaches_goal, demo_goal_weights,
                                                                           trained_policy):  # noqa: F811
     """Under `imitate: successful` the actor runs RT-1 on the rows it imitates only (under PCGrad, one pass
     per task); its gradient must equal that of the weighted loss over one pass of the whole batch, where the
-    other rows weigh zero (per task under PCGrad)."""
-    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate="successful", pcgrad=pcgrad)
+    other rows weigh zero (per task under PCGrad), and the demonstration rows that keep their own goal
+    weigh what `demo_goal_weights` gives their task."""
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate="successful", pcgrad=pcgrad,
+                        demo_goal_weights=demo_goal_weights)
     module.setup("fit")
     module.manual_backward = lambda loss: loss.backward()
     generator = torch.Generator().manual_seed(0)
@@ -263,7 +267,9 @@ def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad
              "window_mask": torch.ones(8, history, dtype=torch.bool),
              "action": torch.rand(8, 4, generator=generator) * 2 - 1,
              "reaches_goal": torch.tensor(reaches_goal, dtype=torch.bool),
-             "task": torch.tensor([0, 1, 0, 1, 0, 1, 0, 0])}
+             "task": torch.tensor([0, 1, 0, 1, 0, 1, 0, 0]),
+             "source": torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.uint8),  # DEMO 1, ONLINE 0
+             "relabel": torch.tensor([0, 0, 0, 0, 1, 0, 0, 2], dtype=torch.uint8)}  # ORIGINAL 0
     task = {module.task_key: module.task_inputs[batch["task"]]}
     advantage = torch.randn(8, generator=generator)
     parameters = module._actor_parameters()
@@ -271,10 +277,13 @@ def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad
     torch.manual_seed(0)  # PCGrad's task order
     metrics = module._actor_backward(batch, task, advantage)
     skipped = [p.grad.clone() for p in parameters]
-    assert metrics["actor/imitated"].item() == sum(reaches_goal) / 8
+    own_goal_weight = torch.ones(8)
+    for row, task_name in ((0, "reach-v3"), (6, "reach-v3"), (1, "drawer-open-v3")):
+        own_goal_weight[row] = (demo_goal_weights or {}).get(task_name, 1.0)
+    assert metrics["actor/imitated"].item() == ((own_goal_weight * batch["reaches_goal"]) > 0).sum().item() / 8
 
     module.policy.zero_grad()
-    weights = awr_weights(advantage, module.iql.beta, module.iql.max_weight) * batch["reaches_goal"]
+    weights = awr_weights(advantage, module.iql.beta, module.iql.max_weight) * batch["reaches_goal"] * own_goal_weight
     actions = torch.zeros(8, module.policy.rt1_config.action_chunk, 4)
     actions[:, 0] = batch["action"]
     action_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)
@@ -411,6 +420,9 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
+    (None, "reach-v3", "model: {demo_goal_weights: {reach-v3: -1}}",
+     "model.demo_goal_weights: reach-v3: -1.0 is not a non-negative number"),
+    (None, "reach-v3", "model: {demo_goal_weights: {push-v3: 0}}", "model.demo_goal_weights: push-v3 not in reach-v3"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

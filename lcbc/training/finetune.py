@@ -40,7 +40,7 @@ from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
-from lcbc.rl.replay import RelabelConfig, ReplayBuffer
+from lcbc.rl.replay import DEMO, ORIGINAL, RelabelConfig, ReplayBuffer
 from lcbc.training.cli import RunFolderCLI
 
 # What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
@@ -92,7 +92,7 @@ class FineTuning(L.LightningModule):
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
                  shuffle_ignored_goals: bool = False, shift_state_xy: float = 0.0,
-                 policy_ema: float = 0.0, eval_every: int = 25_000,
+                 demo_goal_weights: dict[str, float] | None = None, policy_ema: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +108,9 @@ class FineTuning(L.LightningModule):
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
+        for task, weight in (demo_goal_weights or {}).items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+                raise UserError(f"model.demo_goal_weights: {task}: {weight!r} is not a non-negative number")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -150,6 +153,11 @@ class FineTuning(L.LightningModule):
         else:
             raise UserError("fine-tuning conditions on tasks; this policy is goal-conditioned")
         self.register_buffer("task_inputs", inputs, persistent=False)
+        unknown = sorted(set(hp.demo_goal_weights or {}) - set(self.tasks))
+        if unknown:
+            raise UserError(f"model.demo_goal_weights: {', '.join(unknown)} not in {hp.benchmark}")
+        self.register_buffer("demo_goal_weight", torch.tensor([(hp.demo_goal_weights or {}).get(task, 1.0)
+                                                               for task in self.tasks]), persistent=False)
         self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
         self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
@@ -274,11 +282,14 @@ class FineTuning(L.LightningModule):
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
-        with `imitate: successful`, of the transitions that reach their goal only."""
+        with `imitate: successful`, of the transitions that reach their goal only; `demo_goal_weights` scales
+        the named tasks' demonstration rows that keep their own goal."""
         hp = self.hparams
         weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
         if hp.imitate == "successful":
             weights = weights * batch["reaches_goal"]
+        own_goal_demo = (batch["source"] == DEMO) & (batch["relabel"] == ORIGINAL)
+        weights = torch.where(own_goal_demo, weights * self.demo_goal_weight[batch["task"]], weights)
         metrics = {"actor/weight_mean": weights.mean(), "actor/imitated": (weights > 0).float().mean(),
                    "actor/weight_clipped": (weights >= self.iql.max_weight * (1 - 1e-6)).float().mean()}
         # RT-1 runs on the rows with a weight only: a zero-weight row adds nothing to the loss or its gradient,
