@@ -39,10 +39,22 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
-# Tasks whose expert ignores the goal while its gripper is open, and the opening (state[3]) above which it
-# is: pick-place's expert first moves above the puck, descends and closes on it, whatever the goal; only
-# with the gripper closed (0.73 or less) does it head for the goal.
-GOAL_IGNORED_WHILE_OPEN = {"pick-place-v3": 0.73}
+def _gripper_open(states: np.ndarray) -> np.ndarray:
+    """Pick-place: the expert moves above the puck, descends and closes on it whatever the goal; only with
+    the gripper closed (state[3] 0.73 or less) does it head for the goal."""
+    return states[:, 3] > 0.73
+
+
+def _hand_away_from_peg(states: np.ndarray) -> np.ndarray:
+    """Peg-insert-side: the expert moves above the peg and down to it whatever the goal; only with the hand
+    at the peg (within 4 cm in x and y, 2.5 cm in z) does it carry it to the hole's y."""
+    hand, peg = states[:, 0:3], states[:, 4:7]
+    return (np.linalg.norm(hand[:, :2] - peg[:, :2], axis=1) > 0.04) | (np.abs(hand[:, 2] - peg[:, 2]) > 0.025)
+
+
+# Tasks whose expert ignores the goal in some states, and which (B, D) states those are: a policy that still
+# reads the goal there drifts toward it (pick-place stopping above the puck, the peg missed by 4 cm in y).
+GOAL_IGNORED = {"pick-place-v3": _gripper_open, "peg-insert-side-v3": _hand_away_from_peg}
 GOAL_IN_STATE = slice(36, 39)
 # Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
 # together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
@@ -76,13 +88,14 @@ def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, do
 
 
 def replace_ignored_goals(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:
-    """Give those of the (B, H, D) state windows `rows` of `task` whose last frame has the gripper open
-    (GOAL_IGNORED_WHILE_OPEN) the goals of the (len(rows), D) `donors` states, in every frame, in place."""
-    opening = GOAL_IGNORED_WHILE_OPEN.get(task)
-    if opening is None:
+    """Give those of the (B, H, D) state windows `rows` of `task` whose last frame is a state where the
+    expert ignores the goal (GOAL_IGNORED) the goals of the (len(rows), D) `donors` states, in every frame,
+    in place."""
+    ignores_goal = GOAL_IGNORED.get(task)
+    if ignores_goal is None:
         return
-    open_rows = windows[rows, -1, 3] > opening
-    windows[rows[open_rows], :, GOAL_IN_STATE] = donors[open_rows, None, GOAL_IN_STATE]
+    ignoring = ignores_goal(windows[rows, -1])
+    windows[rows[ignoring], :, GOAL_IN_STATE] = donors[ignoring, None, GOAL_IN_STATE]
 
 
 def benchmark_tasks(spec: str) -> list[str]:
