@@ -340,8 +340,9 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
 
 def test_actor_windows_get_the_loaders_state_augmentations():
     """Reach's puck comes from another reach row in every frame; pick-place's goal from another pick-place row
-    while the gripper is open, peg-insert-side's while the hand is away from the peg; hand, puck and goal of
-    reach and push move by one x, y offset per window; drawer-open and every other number stay as stored."""
+    while the gripper is open, peg-insert-side's and push's while the hand is away from the peg or puck; hand,
+    puck and goal of reach and push move by one x, y offset per window; drawer-open and every other number
+    stay as stored."""
     tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
     task = np.array([0, 0, 0, 0, 1, 2])
     stored = np.random.default_rng(0).normal(size=(6, 2, 39)).astype(np.float32)
@@ -396,6 +397,14 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     assert not np.array_equal(peg_shuffled[1:3, :, 36:39], peg_windows[1:3, :, 36:39])
     np.testing.assert_array_equal(peg_shuffled[[0, 3, 4, 5]], peg_windows[[0, 3, 4, 5]])
     np.testing.assert_array_equal(peg_shuffled[..., :36], peg_windows[..., :36])
+
+    # Push rows with the hand away from the puck (over 2 cm in xy from 5 mm behind it, or 4 cm in z) too.
+    push_windows = peg_windows.copy()
+    push_windows[:, -1, 0:3] = [[-0.005, 0.61, 0.02], [0.0, 0.6, 0.1], [0.02, 0.6, 0.02], [0.0, 0.6, 0.05],
+                                [-0.01, 0.6, 0.0], [0.0, 0.6, 0.3]]
+    push_shuffled = augmented(["push-v3", "drawer-open-v3"], pick_task, push_windows, shuffle_ignored_goals=True)
+    assert not np.array_equal(push_shuffled[1:3, :, 36:39], push_windows[1:3, :, 36:39])
+    np.testing.assert_array_equal(push_shuffled[[0, 3, 4, 5]], push_windows[[0, 3, 4, 5]])
 
     moved = augmented(shift_state_xy=0.05)
     offset = moved - stored

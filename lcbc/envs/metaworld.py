@@ -39,6 +39,8 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
+
+
 def _gripper_open(states: np.ndarray) -> np.ndarray:
     """Pick-place: the expert moves above the puck, descends and closes on it whatever the goal; only with
     the gripper closed (state[3] 0.73 or less) does it head for the goal."""
@@ -52,9 +54,19 @@ def _hand_away_from_peg(states: np.ndarray) -> np.ndarray:
     return (np.linalg.norm(hand[:, :2] - peg[:, :2], axis=1) > 0.04) | (np.abs(hand[:, 2] - peg[:, 2]) > 0.025)
 
 
+def _hand_away_from_puck(states: np.ndarray) -> np.ndarray:
+    """Push: the expert moves above the puck and down onto it whatever the goal (and goes back whenever the
+    puck gets 2 cm away in x and y); only with the hand at the puck does it push toward the goal."""
+    hand, puck = states[:, 0:3], states[:, 4:7]
+    return ((np.linalg.norm(hand[:, :2] - puck[:, :2] + [0.005, 0.0], axis=1) > 0.02)
+            | (np.abs(hand[:, 2] - puck[:, 2]) > 0.04))
+
+
 # Tasks whose expert ignores the goal in some states, and which (B, D) states those are: a policy that still
-# reads the goal there drifts toward it (pick-place stopping above the puck, the peg missed by 4 cm in y).
-GOAL_IGNORED = {"pick-place-v3": _gripper_open, "peg-insert-side-v3": _hand_away_from_peg}
+# reads the goal there drifts toward it (pick-place stopping above the puck, the peg missed by 4 cm in y,
+# push heading for the goal without the puck).
+GOAL_IGNORED = {"push-v3": _hand_away_from_puck, "pick-place-v3": _gripper_open,
+                "peg-insert-side-v3": _hand_away_from_peg}
 GOAL_IN_STATE = slice(36, 39)
 # Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
 # together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
