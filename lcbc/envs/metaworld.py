@@ -47,26 +47,24 @@ def _gripper_open(states: np.ndarray) -> np.ndarray:
     return states[:, 3] > 0.73
 
 
-def _hand_away_from_peg(states: np.ndarray) -> np.ndarray:
-    """Peg-insert-side: the expert moves above the peg and down to it whatever the goal; only with the hand
-    at the peg (within 4 cm in x and y, 2.5 cm in z) does it carry it to the hole's y."""
-    hand, peg = states[:, 0:3], states[:, 4:7]
-    return (np.linalg.norm(hand[:, :2] - peg[:, :2], axis=1) > 0.04) | (np.abs(hand[:, 2] - peg[:, 2]) > 0.025)
+def _peg_on_table(states: np.ndarray) -> np.ndarray:
+    """Peg-insert-side: the expert moves above the peg and down to it whatever the hole; once it holds the
+    peg it lifts it toward the hole's y. The peg's height (3 cm at rest) and not the hand's distance to it
+    decides: the policy's own successes often hold the peg off-centre, and hiding the hole from them as
+    well cut peg's success while collecting by half (docs/RESULTS.md)."""
+    return states[:, 6] < 0.04
 
 
-def _hand_away_from_puck(states: np.ndarray) -> np.ndarray:
-    """Push: the expert moves above the puck and down onto it whatever the goal (and goes back whenever the
-    puck gets 2 cm away in x and y); only with the hand at the puck does it push toward the goal."""
-    hand, puck = states[:, 0:3], states[:, 4:7]
-    return ((np.linalg.norm(hand[:, :2] - puck[:, :2] + [0.005, 0.0], axis=1) > 0.02)
-            | (np.abs(hand[:, 2] - puck[:, 2]) > 0.04))
+def _hand_above_puck(states: np.ndarray) -> np.ndarray:
+    """Push: the expert moves above the puck and down onto it whatever the goal; only with the hand down at
+    the puck (within 4 cm in z) does it push toward the goal."""
+    return states[:, 2] - states[:, 6] > 0.04
 
 
 # Tasks whose expert ignores the goal in some states, and which (B, D) states those are: a policy that still
 # reads the goal there drifts toward it (pick-place stopping above the puck, the peg missed by 4 cm in y,
 # push heading for the goal without the puck).
-GOAL_IGNORED = {"push-v3": _hand_away_from_puck, "pick-place-v3": _gripper_open,
-                "peg-insert-side-v3": _hand_away_from_peg}
+GOAL_IGNORED = {"push-v3": _hand_above_puck, "pick-place-v3": _gripper_open, "peg-insert-side-v3": _peg_on_table}
 GOAL_IN_STATE = slice(36, 39)
 # Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
 # together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
