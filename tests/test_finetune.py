@@ -442,7 +442,8 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
     (None, "reach-v3", "model: {demo_goal_weights: {reach-v3: -1}}",
      "model.demo_goal_weights: reach-v3: -1.0 is not a non-negative number"),
-    (None, "reach-v3", "model: {demo_goal_weights: {push-v3: 0}}", "model.demo_goal_weights: push-v3 not in reach-v3"),
+    (None, "reach-v3", "model: {demo_goal_weights: {fly-v3: 0}}",
+     "model.demo_goal_weights: 'fly-v3' is not a Meta-World task"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):
