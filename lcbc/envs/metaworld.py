@@ -39,32 +39,10 @@ ACHIEVED_GOAL_IN_STATE = {"reach-v3": (0, FINGERTIP_OFFSET), "push-v3": (4, (0.0
 # reach's puck lies wherever its goal variation put it (state[4:18], and state[22:36] a step earlier). A
 # policy cloned from a few demos reads that position as the demo's name instead of reading the goal.
 IGNORED_OBJECTS_IN_STATE = {"reach-v3": ((4, 18), (22, 36))}
-
-
-def _gripper_open(states: np.ndarray) -> np.ndarray:
-    """Pick-place: the expert moves above the puck, descends and closes on it whatever the goal; only with
-    the gripper closed (state[3] 0.73 or less) does it head for the goal."""
-    return states[:, 3] > 0.73
-
-
-def _peg_on_table(states: np.ndarray) -> np.ndarray:
-    """Peg-insert-side: the expert moves above the peg and down to it whatever the hole; once it holds the
-    peg it lifts it toward the hole's y. The peg's height (3 cm at rest) and not the hand's distance to it
-    decides: the policy's own successes often hold the peg off-centre, and hiding the hole from them as
-    well cut peg's success while collecting by half (docs/RESULTS.md)."""
-    return states[:, 6] < 0.04
-
-
-def _hand_above_puck(states: np.ndarray) -> np.ndarray:
-    """Push: the expert moves above the puck and down onto it whatever the goal; only with the hand down at
-    the puck (within 4 cm in z) does it push toward the goal."""
-    return states[:, 2] - states[:, 6] > 0.04
-
-
-# Tasks whose expert ignores the goal in some states, and which (B, D) states those are: a policy that still
-# reads the goal there drifts toward it (pick-place stopping above the puck, the peg missed by 4 cm in y,
-# push heading for the goal without the puck).
-GOAL_IGNORED = {"push-v3": _hand_above_puck, "pick-place-v3": _gripper_open, "peg-insert-side-v3": _peg_on_table}
+# Tasks whose expert ignores the goal while its gripper is open, and the opening (state[3]) above which it
+# is: pick-place's expert first moves above the puck, descends and closes on it, whatever the goal; only
+# with the gripper closed (0.73 or less) does it head for the goal.
+GOAL_IGNORED_WHILE_OPEN = {"pick-place-v3": 0.73}
 GOAL_IN_STATE = slice(36, 39)
 # Tasks whose expert acts on positions relative to each other only, so moving hand, object and goal
 # together across the table leaves its action unchanged, and the axes (x, y) along which that holds:
@@ -98,14 +76,13 @@ def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, do
 
 
 def replace_ignored_goals(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:
-    """Give those of the (B, H, D) state windows `rows` of `task` whose last frame is a state where the
-    expert ignores the goal (GOAL_IGNORED) the goals of the (len(rows), D) `donors` states, in every frame,
-    in place."""
-    ignores_goal = GOAL_IGNORED.get(task)
-    if ignores_goal is None:
+    """Give those of the (B, H, D) state windows `rows` of `task` whose last frame has the gripper open
+    (GOAL_IGNORED_WHILE_OPEN) the goals of the (len(rows), D) `donors` states, in every frame, in place."""
+    opening = GOAL_IGNORED_WHILE_OPEN.get(task)
+    if opening is None:
         return
-    ignoring = ignores_goal(windows[rows, -1])
-    windows[rows[ignoring], :, GOAL_IN_STATE] = donors[ignoring, None, GOAL_IN_STATE]
+    open_rows = windows[rows, -1, 3] > opening
+    windows[rows[open_rows], :, GOAL_IN_STATE] = donors[open_rows, None, GOAL_IN_STATE]
 
 
 def benchmark_tasks(spec: str) -> list[str]:

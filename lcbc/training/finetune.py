@@ -26,7 +26,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import (
-    GOAL_IGNORED,
+    GOAL_IGNORED_WHILE_OPEN,
     IGNORED_OBJECTS_IN_STATE,
     benchmark_tasks,
     move_positions_xy,
@@ -262,15 +262,14 @@ class FineTuning(L.LightningModule):
 
     def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
-        stored): reach's ignored puck taken from another of the batch's reach rows, the goal of a pick-place
-        or peg-insert-side row whose expert would ignore it (`shuffle_ignored_goals`) from another row of
-        its task, and hand, puck and goal
+        stored): reach's ignored puck taken from another of the batch's reach rows, pick-place's goal while
+        the gripper is open (`shuffle_ignored_goals`) from another pick-place row, and hand, puck and goal
         of the tasks in SHIFT_AXES moved together across the table, so that the few demos' positions cannot stand
         in for reading the goal."""
         hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
         replacements = [(IGNORED_OBJECTS_IN_STATE, replace_ignored_objects)] if hp.shuffle_ignored_objects else []
         if hp.shuffle_ignored_goals:
-            replacements.append((GOAL_IGNORED, replace_ignored_goals))
+            replacements.append((GOAL_IGNORED_WHILE_OPEN, replace_ignored_goals))
         for ignoring, replace in replacements:
             for task in ignoring:
                 if task in self.tasks:
