@@ -108,8 +108,9 @@ class FineTuning(L.LightningModule):
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
+        meta_world_tasks = benchmark_tasks("MT50") if demo_goal_weights else []
         for task, weight in (demo_goal_weights or {}).items():  # tasks the run does not train are ignored
-            if task not in benchmark_tasks("MT50"):
+            if task not in meta_world_tasks:
                 raise UserError(f"model.demo_goal_weights: {task!r} is not a Meta-World task")
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
                 raise UserError(f"model.demo_goal_weights: {task}: {weight!r} is not a non-negative number")
