@@ -340,8 +340,8 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
 
 def test_actor_windows_get_the_loaders_state_augmentations():
     """Reach's puck comes from another reach row in every frame; pick-place's goal from another pick-place row
-    while the gripper is open; hand, puck and goal of reach and push move by one x, y offset per window;
-    drawer-open and every other number stay as stored."""
+    while the gripper is open; hand, puck and goal of reach and push move by one x, y offset per window, and
+    reach's hand and goal up by one height; drawer-open and every other number stay as stored."""
     tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
     task = np.array([0, 0, 0, 0, 1, 2])
     stored = np.random.default_rng(0).normal(size=(6, 2, 39)).astype(np.float32)
@@ -392,6 +392,17 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     untouched[[start + axis for start in positions for axis in (0, 1)]] = False
     np.testing.assert_array_equal(moved[..., untouched], stored[..., untouched])
 
+    # Reach's hand (now and a step earlier) and goal rise by one height in [0, 0.1] per window; its puck,
+    # push and drawer-open stay.
+    raised = augmented(shift_state_z=0.1)
+    rise = raised - stored
+    for row in range(4):
+        np.testing.assert_allclose(rise[row, :, [2, 20, 38]], np.full((3, 2), rise[row, 0, 2]), atol=1e-6)
+        assert 0 <= rise[row, 0, 2] <= 0.1
+    assert len({round(float(rise[row, 0, 2]), 6) for row in range(4)}) == 4
+    np.testing.assert_array_equal(np.delete(raised, [2, 20, 38], axis=2), np.delete(stored, [2, 20, 38], axis=2))
+    np.testing.assert_array_equal(raised[4:], stored[4:])
+
 
 def test_every_finetune_config_instantiates(tmp_path):
     for config in sorted((ROOT / "configs").glob("finetune_*.yaml")):
@@ -420,6 +431,7 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
+    (None, "reach-v3", "model: {shift_state_z: -0.1}", "model.shift_state_z: -0.1 is not a non-negative number"),
     (None, "reach-v3", "model: {demo_goal_weights: {reach-v3: -1}}",
      "model.demo_goal_weights: reach-v3: -1.0 is not a non-negative number"),
     (None, "reach-v3", "model: {demo_goal_weights: {fly-v3: 0}}",

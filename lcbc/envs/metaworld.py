@@ -52,6 +52,12 @@ GOAL_IN_STATE = slice(36, 39)
 SHIFT_AXES = {"reach-v3": (True, True), "push-v3": (True, True), "pick-place-v3": (True, True),
               "peg-insert-side-v3": (False, True)}
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
+# Tasks whose expert and success read the hand-to-goal offset alone and which touch nothing: hand and goal
+# may move up together (never down, toward the table) and the arm still reaches the raised goal (reach's
+# hand goes up to z 0.5, its goals lie at or below 0.3). Where the hand's xyz start in the state (now and a
+# step earlier) and the goal's.
+RAISABLE_HAND_AND_GOAL = ("reach-v3",)
+HAND_AND_GOAL_IN_STATE = (0, 18, 36)
 
 
 def shift_axes(tasks: list[str]) -> np.ndarray:
@@ -66,6 +72,15 @@ def move_positions_xy(windows: np.ndarray, axes: np.ndarray, max_shift: float, r
     shift = rng.uniform(-max_shift, max_shift, size=(len(rows), 1, 2)) * axes[rows, None, :]
     for start in POSITIONS_IN_STATE:
         windows[rows, :, start:start + 2] += shift.astype(windows.dtype)
+
+
+def raise_hand_and_goal(windows: np.ndarray, rows: np.ndarray, max_rise: float, rng: np.random.Generator) -> None:
+    """Move hand and goal of the (B, H, D) state windows `rows` up by one uniform random height in
+    [0, max_rise] metres each, in place: few demonstrations' goals span little of the task's height range,
+    and a policy cloned from them alone does not carry the hand above the heights it was shown."""
+    rise = rng.uniform(0.0, max_rise, size=(len(rows), 1)).astype(windows.dtype)
+    for start in HAND_AND_GOAL_IN_STATE:
+        windows[rows, :, start + 2] += rise
 
 
 def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:

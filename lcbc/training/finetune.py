@@ -28,8 +28,10 @@ from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import (
     GOAL_IGNORED_WHILE_OPEN,
     IGNORED_OBJECTS_IN_STATE,
+    RAISABLE_HAND_AND_GOAL,
     benchmark_tasks,
     move_positions_xy,
+    raise_hand_and_goal,
     replace_ignored_goals,
     replace_ignored_objects,
     shift_axes,
@@ -91,7 +93,7 @@ class FineTuning(L.LightningModule):
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
                  gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
-                 shuffle_ignored_goals: bool = False, shift_state_xy: float = 0.0,
+                 shuffle_ignored_goals: bool = False, shift_state_xy: float = 0.0, shift_state_z: float = 0.0,
                  demo_goal_weights: dict[str, float] | None = None, policy_ema: float = 0.0, eval_every: int = 25_000,
                  eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
@@ -106,6 +108,9 @@ class FineTuning(L.LightningModule):
         for name, allowed in choices:
             if self.hparams[name] not in allowed:
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
+        for name in ("shift_state_xy", "shift_state_z"):
+            if not self.hparams[name] >= 0:
+                raise UserError(f"model.{name}: {self.hparams[name]!r} is not a non-negative number of metres")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
         meta_world_tasks = benchmark_tasks("MT50") if demo_goal_weights else []
@@ -265,8 +270,8 @@ class FineTuning(L.LightningModule):
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
         stored): reach's ignored puck taken from another of the batch's reach rows, pick-place's goal while
         the gripper is open (`shuffle_ignored_goals`) from another pick-place row, and hand, puck and goal
-        of the tasks in SHIFT_AXES moved together across the table, so that the few demos' positions cannot stand
-        in for reading the goal."""
+        of the tasks in SHIFT_AXES moved together across the table, and reach's hand and goal moved up together
+        (`shift_state_z`), so that the few demos' positions cannot stand in for reading the goal."""
         hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
         replacements = [(IGNORED_OBJECTS_IN_STATE, replace_ignored_objects)] if hp.shuffle_ignored_objects else []
         if hp.shuffle_ignored_goals:
@@ -279,6 +284,9 @@ class FineTuning(L.LightningModule):
                     replace(windows, rows, task, windows[donors, -1])
         if hp.shift_state_xy > 0:
             move_positions_xy(windows, shift_axes(self.tasks)[sample["task"]], hp.shift_state_xy, rng)
+        if hp.shift_state_z > 0:
+            raisable = [self.tasks.index(task) for task in RAISABLE_HAND_AND_GOAL if task in self.tasks]
+            raise_hand_and_goal(windows, np.flatnonzero(np.isin(sample["task"], raisable)), hp.shift_state_z, rng)
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
