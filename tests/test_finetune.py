@@ -403,6 +403,33 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     np.testing.assert_array_equal(np.delete(raised, [2, 20, 38], axis=2), np.delete(stored, [2, 20, 38], axis=2))
     np.testing.assert_array_equal(raised[4:], stored[4:])
 
+    # Pick-place's hand, puck and goal rise only in windows that hold the puck off the table in every frame.
+    held = stored.copy()
+    held[:, :, 3], held[:, :, 6] = 0.5, 0.1  # gripper closed, puck 10 cm up
+    held[1, 0, 3] = 0.9  # one frame with the gripper open
+    held[2, 1, 6] = 0.02  # one frame with the puck on the table
+    raised = augmented(pick_tasks, pick_task, held, shift_state_z=0.1)
+    rise = raised - held
+    for row in (0, 3, 4):
+        np.testing.assert_allclose(rise[row, :, [2, 6, 20, 24, 38]], np.full((5, 2), rise[row, 0, 2]), atol=1e-6)
+        assert 0 < rise[row, 0, 2] <= 0.1
+    np.testing.assert_array_equal(np.delete(raised, [2, 6, 20, 24, 38], axis=2),
+                                  np.delete(held, [2, 6, 20, 24, 38], axis=2))
+    np.testing.assert_array_equal(raised[[1, 2, 5]], held[[1, 2, 5]])
+
+    # Peg-insert-side moves in x as well as y while it approaches the resting peg (hand 4 cm or more away
+    # from it), in y only once the hand is at the peg or the peg is off the table.
+    peg_tasks, peg_task = ["peg-insert-side-v3", "drawer-open-v3"], np.array([0, 0, 0, 0, 0, 1])
+    peg = np.zeros((6, 2, 39), np.float32)
+    peg[:, :, 0:3], peg[:, :, 4:7] = (0.0, 0.6, 0.2), (0.1, 0.6, 0.03)  # hand 10 cm from the resting peg
+    peg[1, 1, 0:3] = (0.1, 0.6, 0.045)  # at the peg in the last frame
+    peg[2, :, 6] = 0.1  # the peg lifted
+    peg[3, :, 0:3] = (0.1, 0.6, 0.1)  # right above the peg, 7 cm up: still approaching
+    offset = augmented(peg_tasks, peg_task, peg, shift_state_xy=0.05) - peg
+    assert all(offset[row, 0, 0] != 0 and offset[row, 0, 1] != 0 for row in (0, 3, 4))
+    assert all(offset[row, 0, 0] == 0 and offset[row, 0, 1] != 0 for row in (1, 2))
+    np.testing.assert_array_equal(offset[5], 0)
+
 
 def test_every_finetune_config_instantiates(tmp_path):
     for config in sorted((ROOT / "configs").glob("finetune_*.yaml")):

@@ -52,17 +52,37 @@ GOAL_IN_STATE = slice(36, 39)
 SHIFT_AXES = {"reach-v3": (True, True), "push-v3": (True, True), "pick-place-v3": (True, True),
               "peg-insert-side-v3": (False, True)}
 POSITIONS_IN_STATE = (0, 4, 18, 22, 36)
-# Tasks whose expert and success read the hand-to-goal offset alone and which touch nothing: hand and goal
-# may move up together (never down, toward the table) and the arm still reaches the raised goal (reach's
-# hand goes up to z 0.5, its goals lie at or below 0.3). Where the hand's xyz start in the state (now and a
-# step earlier) and the goal's.
-RAISABLE_HAND_AND_GOAL = ("reach-v3",)
-HAND_AND_GOAL_IN_STATE = (0, 18, 36)
+# Tasks whose expert first approaches its object relative to it alone: peg-insert-side's heads above the
+# peg, then down to it, whatever the hole; only once the hand is at the peg (within 4 cm across and 2.5 cm
+# in height) does it carry it to fixed x positions in front of and into the hole. While the peg still rests
+# on the table (its grasp point below this height) and the hand is clearly away from it (4 cm in either),
+# moving hand, peg and hole together in x as well keeps its action.
+APPROACH_IN_X = {"peg-insert-side-v3": 0.035}
+# Tasks whose hand and goal may move up together (never down, toward the table), with what rises along:
+# reach's expert and success read the hand-to-goal offset alone and it touches nothing, so its hand (now
+# and a step earlier) and goal rise, the puck stays; pick-place's expert, once it holds the puck off the
+# table (gripper closed, puck above the 4 cm where it would still descend to it), heads for the goal, so
+# then hand, puck and goal rise. The arm still reaches the raised goals: the hand goes up to z 0.5, goals
+# lie at or below 0.3. Where the xyz of what rises start in the state.
+RAISABLE_HAND_AND_GOAL = {"reach-v3": (0, 18, 36), "pick-place-v3": (0, 4, 18, 22, 36)}
+HELD_OFF_THE_TABLE = {"pick-place-v3": (0.73, 0.04)}  # the gripper's opening at most, the puck's height at least
 
 
 def shift_axes(tasks: list[str]) -> np.ndarray:
     """(len(tasks), 2) bool: the axes along which each task's windows may move (SHIFT_AXES; none for others)."""
     return np.array([SHIFT_AXES.get(task, (False, False)) for task in tasks]).reshape(len(tasks), 2)
+
+
+def approaching_in_x(windows: np.ndarray, tasks: list[str], task: np.ndarray) -> np.ndarray:
+    """(B,) bool: which (B, H, D) state windows of tasks in APPROACH_IN_X are in their approach in every frame."""
+    rows = np.zeros(len(windows), dtype=bool)
+    for name, resting in APPROACH_IN_X.items():
+        if name not in tasks:
+            continue
+        hand, thing = windows[..., 0:3], windows[..., 4:7]
+        away = (np.linalg.norm(hand[..., :2] - thing[..., :2], axis=-1) > 0.04) | (hand[..., 2] - thing[..., 2] > 0.04)
+        rows |= (task == tasks.index(name)) & (away & (thing[..., 2] < resting)).all(axis=1)
+    return rows
 
 
 def move_positions_xy(windows: np.ndarray, axes: np.ndarray, max_shift: float, rng: np.random.Generator) -> None:
@@ -74,13 +94,23 @@ def move_positions_xy(windows: np.ndarray, axes: np.ndarray, max_shift: float, r
         windows[rows, :, start:start + 2] += shift.astype(windows.dtype)
 
 
-def raise_hand_and_goal(windows: np.ndarray, rows: np.ndarray, max_rise: float, rng: np.random.Generator) -> None:
-    """Move hand and goal of the (B, H, D) state windows `rows` up by one uniform random height in
-    [0, max_rise] metres each, in place: few demonstrations' goals span little of the task's height range,
-    and a policy cloned from them alone does not carry the hand above the heights it was shown."""
-    rise = rng.uniform(0.0, max_rise, size=(len(rows), 1)).astype(windows.dtype)
-    for start in HAND_AND_GOAL_IN_STATE:
-        windows[rows, :, start + 2] += rise
+def raise_hand_and_goal(windows: np.ndarray, tasks: list[str], task: np.ndarray, max_rise: float,
+                        rng: np.random.Generator) -> None:
+    """Move what rises (RAISABLE_HAND_AND_GOAL) of the (B, H, D) state windows up by one uniform random height in
+    [0, max_rise] metres each, in place; pick-place's only where it holds the puck off the table in every
+    frame. Few demonstrations' goals span little of the tasks' height range, and a policy cloned from them
+    alone does not carry the hand above the heights it was shown."""
+    for name, positions in RAISABLE_HAND_AND_GOAL.items():
+        if name not in tasks:
+            continue
+        rows = task == tasks.index(name)
+        if name in HELD_OFF_THE_TABLE:
+            opening, height = HELD_OFF_THE_TABLE[name]
+            rows &= ((windows[..., 3] <= opening) & (windows[..., 6] > height)).all(axis=1)
+        rows = np.flatnonzero(rows)
+        rise = rng.uniform(0.0, max_rise, size=(len(rows), 1)).astype(windows.dtype)
+        for start in positions:
+            windows[rows, :, start + 2] += rise
 
 
 def replace_ignored_objects(windows: np.ndarray, rows: np.ndarray, task: str, donors: np.ndarray) -> None:

@@ -28,7 +28,7 @@ from lcbc.envs.instructions import canonical_instruction
 from lcbc.envs.metaworld import (
     GOAL_IGNORED_WHILE_OPEN,
     IGNORED_OBJECTS_IN_STATE,
-    RAISABLE_HAND_AND_GOAL,
+    approaching_in_x,
     benchmark_tasks,
     move_positions_xy,
     raise_hand_and_goal,
@@ -270,8 +270,10 @@ class FineTuning(L.LightningModule):
         """The loader's state augmentations, on the windows the actor clones (the critics see the states as
         stored): reach's ignored puck taken from another of the batch's reach rows, pick-place's goal while
         the gripper is open (`shuffle_ignored_goals`) from another pick-place row, and hand, puck and goal
-        of the tasks in SHIFT_AXES moved together across the table, and reach's hand and goal moved up together
-        (`shift_state_z`), so that the few demos' positions cannot stand in for reading the goal."""
+        of the tasks in SHIFT_AXES moved together across the table (peg-insert-side's in x as well while it
+        approaches the peg, APPROACH_IN_X), and reach's hand and goal, and pick-place's while it holds the
+        puck, moved up together (`shift_state_z`), so that the few demos' positions cannot stand in for
+        reading the goal."""
         hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
         replacements = [(IGNORED_OBJECTS_IN_STATE, replace_ignored_objects)] if hp.shuffle_ignored_objects else []
         if hp.shuffle_ignored_goals:
@@ -283,10 +285,11 @@ class FineTuning(L.LightningModule):
                     donors = rows[rng.integers(len(rows), size=len(rows))]
                     replace(windows, rows, task, windows[donors, -1])
         if hp.shift_state_xy > 0:
-            move_positions_xy(windows, shift_axes(self.tasks)[sample["task"]], hp.shift_state_xy, rng)
+            axes = shift_axes(self.tasks)[sample["task"]]
+            axes[:, 0] |= approaching_in_x(windows, self.tasks, sample["task"])
+            move_positions_xy(windows, axes, hp.shift_state_xy, rng)
         if hp.shift_state_z > 0:
-            raisable = [self.tasks.index(task) for task in RAISABLE_HAND_AND_GOAL if task in self.tasks]
-            raise_hand_and_goal(windows, np.flatnonzero(np.isin(sample["task"], raisable)), hp.shift_state_z, rng)
+            raise_hand_and_goal(windows, self.tasks, sample["task"], hp.shift_state_z, rng)
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
