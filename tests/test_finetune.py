@@ -340,8 +340,9 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
 
 def test_actor_windows_get_the_loaders_state_augmentations():
     """Reach's puck comes from another reach row in every frame; pick-place's goal from another pick-place row
-    while the gripper is open; hand, puck and goal of reach and push move by one x, y offset per window, and
-    reach's hand and goal up by one height; drawer-open and every other number stay as stored."""
+    while the gripper is open; hand, puck and goal of reach and push move by one x, y offset per window,
+    peg-insert-side's in x only while it approaches the peg; reach's hand and goal, and pick-place's while it
+    holds the puck up, rise by one height; drawer-open and every other number stay as stored."""
     tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
     task = np.array([0, 0, 0, 0, 1, 2])
     stored = np.random.default_rng(0).normal(size=(6, 2, 39)).astype(np.float32)

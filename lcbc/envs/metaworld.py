@@ -65,7 +65,8 @@ APPROACH_IN_X = {"peg-insert-side-v3": 0.035}
 # then hand, puck and goal rise. The arm still reaches the raised goals: the hand goes up to z 0.5, goals
 # lie at or below 0.3. Where the xyz of what rises start in the state.
 RAISABLE_HAND_AND_GOAL = {"reach-v3": (0, 18, 36), "pick-place-v3": (0, 4, 18, 22, 36)}
-HELD_OFF_THE_TABLE = {"pick-place-v3": (0.73, 0.04)}  # the gripper's opening at most, the puck's height at least
+# The gripper's opening at most (closed, as where the goal stops being ignored) and the puck's height at least.
+HELD_OFF_THE_TABLE = {"pick-place-v3": (GOAL_IGNORED_WHILE_OPEN["pick-place-v3"], 0.04)}
 
 
 def shift_axes(tasks: list[str]) -> np.ndarray:
@@ -76,12 +77,11 @@ def shift_axes(tasks: list[str]) -> np.ndarray:
 def approaching_in_x(windows: np.ndarray, tasks: list[str], task: np.ndarray) -> np.ndarray:
     """(B,) bool: which (B, H, D) state windows of tasks in APPROACH_IN_X are in their approach in every frame."""
     rows = np.zeros(len(windows), dtype=bool)
+    hand, thing = windows[..., 0:3], windows[..., 4:7]
+    away = (np.linalg.norm(hand[..., :2] - thing[..., :2], axis=-1) > 0.04) | (hand[..., 2] - thing[..., 2] > 0.04)
     for name, resting in APPROACH_IN_X.items():
-        if name not in tasks:
-            continue
-        hand, thing = windows[..., 0:3], windows[..., 4:7]
-        away = (np.linalg.norm(hand[..., :2] - thing[..., :2], axis=-1) > 0.04) | (hand[..., 2] - thing[..., 2] > 0.04)
-        rows |= (task == tasks.index(name)) & (away & (thing[..., 2] < resting)).all(axis=1)
+        if name in tasks:
+            rows |= (task == tasks.index(name)) & (away & (thing[..., 2] < resting)).all(axis=1)
     return rows
 
 
