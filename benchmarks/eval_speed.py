@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from report import write_section
 
-from lcbc.envs.metaworld import benchmark_tasks
+from lcbc.benchmark import load_benchmark
 from lcbc.evaluation.rollout import PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
 
@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class RandomActor:
     """Uniform random actions: measures what stepping the environments alone costs."""
 
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, action_dim: int, seed: int = 0):
+        self.action_dim, self.rng = action_dim, np.random.default_rng(seed)
 
     def reset(self, done) -> None:
         pass
 
     def __call__(self, observations, jobs) -> np.ndarray:
-        return self.rng.uniform(-1, 1, (len(jobs), 4))
+        return self.rng.uniform(-1, 1, (len(jobs), self.action_dim))
 
 
 def main() -> None:
@@ -47,13 +47,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tasks = benchmark_tasks(args.benchmark)
+    benchmark = load_benchmark(args.benchmark)
+    tasks = benchmark.tasks
     policy = LanguagePolicy.from_pretrained(args.policy)
     rates = {"random policy (the limit)": [], "lcbc eval (RT-1-tiny, batched)": []}
     for _ in range(args.repeats):
-        for name, actor in (("random policy (the limit)", RandomActor()),
+        for name, actor in (("random policy (the limit)", RandomActor(policy.rt1_config.action_dim)),
                             ("lcbc eval (RT-1-tiny, batched)", PolicyActor(policy))):
-            result = rollout(actor, tasks, args.episodes, envs_per_task=args.envs_per_task, progress=False)
+            result = rollout(actor, benchmark, args.episodes, envs_per_task=args.envs_per_task, progress=False)
             rates[name].append(result.steps / result.seconds)
     limit, ours = (statistics.median(v) for v in rates.values())
     lines = [f"## Evaluation throughput\n\nMeasured {datetime.date.today()} on 2 CPU cores with "

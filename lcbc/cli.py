@@ -15,20 +15,23 @@ from rich.table import Table
 from lcbc.errors import UserError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
+                  "(MT10, MT50 and Meta-World task names alone also work), or my_package.module:ARG")
 
 
 def cmd_collect(args) -> None:
-    from lcbc.envs.collect import collect
-    from lcbc.envs.metaworld import benchmark_tasks
+    from lcbc.benchmark import load_benchmark
+    from lcbc.collect import collect
 
     if args.steps_after_success < 0:
         raise UserError(f"--steps-after-success must be >= 0, got {args.steps_after_success}")
-    tasks = benchmark_tasks(args.benchmark)
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    tasks = load_benchmark(args.benchmark).tasks
     camera = args.camera if args.obs in ("rgb", "both") else None
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
-    report = collect(args.out, tasks, args.episodes_per_task, seed=args.seed, camera=camera,
-                     image_size=args.image_size, workers=args.workers, mode=mode,
-                     steps_after_success=args.steps_after_success)
+    report = collect(args.out, args.benchmark, args.episodes_per_task, camera=camera, image_size=args.image_size,
+                     workers=args.workers, mode=mode, steps_after_success=args.steps_after_success)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
     for task in tasks:
         table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
@@ -82,72 +85,106 @@ def _load_policy(directory: str):
     return LanguagePolicy.from_pretrained(directory)
 
 
-def _policy_camera(policy) -> tuple[str | None, int]:
+def _policy_camera(policy, benchmark) -> tuple[str | None, int]:
     """Pixel policies name their camera in their image key (`corner_rgb`)."""
     keys = policy.config["image_keys"]
-    return (keys[0].removesuffix("_rgb"), policy.config["rt1"]["image_size"]) if keys else (None, 64)
+    if keys:
+        camera = keys[0].removesuffix("_rgb")
+        if camera not in benchmark.cameras:
+            raise UserError(f"the policy reads camera {camera!r}; {benchmark.name} renders "
+                            f"{', '.join(benchmark.cameras) or 'no cameras'}")
+        return camera, policy.config["rt1"]["image_size"]
+    return None, 64
+
+
+def _instruction_file(path: str, tasks: list[str]) -> dict[str, list[str]]:
+    """A JSON object: task name -> list of instructions; every key a task of the run, every value a
+    non-empty list of non-empty strings."""
+    from pathlib import Path
+
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--instructions {path}: not a readable JSON file ({error})") from None
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"--instructions {path}: expected a JSON object: task name -> list of instructions")
+    for task, texts in table.items():
+        if task not in tasks:
+            raise UserError(f"--instructions {path}: {task!r} is not a task of this run ({', '.join(tasks)})")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise UserError(f"--instructions {path}: {task}: expected a non-empty list of non-empty strings")
+    return table
 
 
 def cmd_eval(args) -> None:
     from pathlib import Path
 
-    from lcbc.envs.instructions import canonical_instruction
-    from lcbc.envs.metaworld import benchmark_tasks
-    from lcbc.evaluation.report import markdown, record_video, success_table, write_report
+    from lcbc.benchmark import load_benchmark
+    from lcbc.evaluation.report import markdown, play_episode, success_table, write_report
     from lcbc.evaluation.rollout import ExpertActor, PolicyActor, rollout
 
-    tasks = benchmark_tasks(args.benchmark)
-    policy = _load_policy(args.policy)
+    benchmark = load_benchmark(args.benchmark)
+    benchmark.check_split(args.split)
+    tasks = benchmark.tasks
     instructions = None
-    if args.instructions == "unseen":  # the table's phrasings this policy was never trained on
-        from lcbc.envs.instructions import INSTRUCTIONS
-
+    if args.instructions and args.instructions != "unseen":
+        instructions = _instruction_file(args.instructions, tasks)
+    policy = _load_policy(args.policy)
+    if args.instructions == "unseen":  # the benchmark's phrasings this policy was never trained on
         known = set(policy.config["instructions"])
-        instructions = {task: [text for text in INSTRUCTIONS[task] if text not in known] for task in tasks}
-    elif args.instructions:
-        try:
-            instructions = json.loads(Path(args.instructions).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{args.instructions}: not a readable JSON file ({error})") from None
-        if not isinstance(instructions, dict) or not all(
-                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in instructions.values()):
-            raise UserError(f"{args.instructions}: expected a JSON object: task name -> list of instructions")
-    camera, size = _policy_camera(policy)
+        instructions = {task: [text for text in benchmark.instructions(task) if text not in known] for task in tasks}
+    camera, size = _policy_camera(policy, benchmark)
     actor = PolicyActor(policy)
-    result = rollout(actor, tasks, args.episodes, instructions, seed=args.seed, envs_per_task=args.envs_per_task,
-                     camera=camera, image_size=size)
-    expert = None if args.no_expert else rollout(ExpertActor(), tasks, args.episodes, seed=args.seed,
-                                                 envs_per_task=args.envs_per_task, progress=False)
+    result = rollout(actor, benchmark, args.episodes, instructions, split=args.split,
+                     envs_per_task=args.envs_per_task, camera=camera, image_size=size)
+    has_expert = not args.no_expert and benchmark.expert(tasks[0]) is not None
+    expert = rollout(ExpertActor(benchmark), benchmark, args.episodes, split=args.split,
+                     envs_per_task=args.envs_per_task, progress=False) if has_expert else None
     table = success_table(tasks, result, expert)
+    table["benchmark"], table["split"] = benchmark.name, args.split
     out = Path(args.out)
     write_report(table, out)
     videos = []
-    for task in tasks:
+    video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
+    for task in tasks if video_camera else []:
         for episode in range(args.videos):
             path = out / "videos" / f"{task}_{episode}.gif"
-            record_video(actor, task, canonical_instruction(task), path, args.seed, episode, camera or "corner",
-                         size if camera else 128)
+            play_episode(actor, benchmark, task, benchmark.canonical_instruction(task), args.split, episode, path,
+                         video_camera, size if camera else 128)
             videos.append(path)
     Console().print(markdown(table))
-    print(f"{table['steps_per_second']} env steps/s; report in {out}/success.md, chart {out}/success.png")
+    print(f"{benchmark.name}, {args.split} split; {table['steps_per_second']} env steps/s; "
+          f"report in {out}/success.md, chart {out}/success.png")
     if videos:
         print(f"videos: {videos[0]} (+{len(videos) - 1} more)" if len(videos) > 1 else f"video: {videos[0]}")
+    elif args.videos:
+        print(f"no videos: {benchmark.name} renders no cameras")
 
 
 def cmd_act(args) -> None:
     from pathlib import Path
 
-    from lcbc.envs.metaworld import benchmark_tasks
-    from lcbc.evaluation.report import record_video
+    from lcbc.benchmark import load_benchmark
+    from lcbc.evaluation.report import play_episode
     from lcbc.evaluation.rollout import PolicyActor
 
-    task = benchmark_tasks(args.task)[0]
+    benchmark = load_benchmark(args.benchmark)
+    benchmark.check_split(args.split)
+    if args.task not in benchmark.tasks:
+        raise UserError(f"--task: {args.task!r} is not a task of {benchmark.name} ({', '.join(benchmark.tasks[:5])}"
+                        f"{', ...' if len(benchmark.tasks) > 5 else ''})")
+    if not args.instruction.strip():
+        raise UserError("the instruction is empty")
     policy = _load_policy(args.policy)
-    camera, size = _policy_camera(policy)
-    video = Path(args.video) if args.video else Path(f"{task}.gif")
-    success = record_video(PolicyActor(policy), task, args.instruction, video, args.seed, args.episode,
-                           camera or "corner", size if camera else 128)
-    print(f"{'succeeded' if success else 'failed'}: {args.instruction!r} in {task}; video: {video}")
+    camera, size = _policy_camera(policy, benchmark)
+    video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
+    if args.video and video_camera is None:
+        raise UserError(f"--video: {benchmark.name} renders no cameras")
+    video = (Path(args.video) if args.video else Path(f"{args.task}.gif")) if video_camera else None
+    success = play_episode(PolicyActor(policy), benchmark, args.task, args.instruction, args.split, args.episode,
+                           video, video_camera, size if camera else 128)
+    print(f"{'succeeded' if success else 'failed'}: {args.instruction!r} in {args.task}"
+          + (f"; video: {video}" if video else ""))
 
 
 def cmd_conflicts(args) -> None:
@@ -172,14 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcbc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    collect = commands.add_parser("collect", help="collect Meta-World scripted-expert demonstrations")
-    collect.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    collect = commands.add_parser("collect", help="collect a benchmark's scripted-expert demonstrations")
+    collect.add_argument("--benchmark", required=True, help=BENCHMARK_HELP)
     collect.add_argument("--episodes-per-task", type=int, default=50)
     collect.add_argument("--obs", choices=("state", "rgb", "both"), default="state")
     collect.add_argument("--image-size", type=int, default=64)
     collect.add_argument("--camera", default="corner")
     collect.add_argument("--out", required=True)
-    collect.add_argument("--seed", type=int, default=0, help="benchmark seed: picks the goal variations")
     collect.add_argument("--workers", type=int, default=2)
     collect.add_argument("--steps-after-success", type=int, default=20,
                          help="keep each demo going this many steps past the first success (default 20: "
@@ -199,26 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     export.set_defaults(run=cmd_export)
 
-    evaluate = commands.add_parser("eval", help="success per task in Meta-World rollouts")
+    evaluate = commands.add_parser("eval", help="success per task in a benchmark's rollouts")
     evaluate.add_argument("--policy", required=True, help="an exported policy folder")
-    evaluate.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    evaluate.add_argument("--benchmark", required=True, help=BENCHMARK_HELP)
+    evaluate.add_argument("--split", default="validation", help="goal variations: validation (choosing "
+                          "recipes; the default) or test (the numbers to report, once)")
     evaluate.add_argument("--episodes", type=int, default=50, help="goal variations per task (and phrasing)")
     evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try; "
                           "'unseen': the built-in paraphrases the policy was not trained on")
     evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
     evaluate.add_argument("--out", default="eval")
-    evaluate.add_argument("--seed", type=int, default=1, help="benchmark seed of the evaluation goals")
     evaluate.add_argument("--envs-per-task", type=int, default=10)
     evaluate.add_argument("--no-expert", action="store_true", help="skip the scripted expert's reference run")
     evaluate.set_defaults(run=cmd_eval)
 
     act = commands.add_parser("act", help="run one episode following a natural-language instruction")
     act.add_argument("--policy", required=True)
-    act.add_argument("--task", required=True, help="the Meta-World scene, e.g. drawer-open-v3")
+    act.add_argument("--benchmark", default="metaworld:MT50", help=BENCHMARK_HELP + " (default metaworld:MT50)")
+    act.add_argument("--task", required=True, help="the task whose scene the episode runs in, e.g. drawer-open-v3")
     act.add_argument("instruction")
     act.add_argument("--video", help="GIF path (default: <task>.gif)")
-    act.add_argument("--seed", type=int, default=1)
-    act.add_argument("--episode", type=int, default=0, help="which goal variation of the seed")
+    act.add_argument("--split", default="validation", help="the split whose goal variation the scene takes")
+    act.add_argument("--episode", type=int, default=0, help="which goal variation of the split")
     act.set_defaults(run=cmd_act)
 
     conflicts = commands.add_parser("conflicts", help="cosine matrix of per-task gradients (gradient conflicts)")
@@ -232,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="multi-task RL fine-tuning (IQL) of an exported policy")
     finetune.add_argument("--policy", required=True, help="an exported policy folder (state observations)")
-    finetune.add_argument("--benchmark", required=True, help="MT10, MT50 or comma-separated task names")
+    finetune.add_argument("--benchmark", required=True, help=BENCHMARK_HELP)
     finetune.add_argument("--config", required=True, help="YAML config, e.g. configs/finetune_mt10.yaml")
     finetune.add_argument("--out", help="run folder: checkpoints, logs and policy/ (default: the config's "
                           "trainer.default_root_dir)")

@@ -98,8 +98,8 @@ def libero_file(tmp_path):
 @pytest.fixture(scope="session")
 def metaworld_file(tmp_path_factory):
     """A small real collection: two MT10 tasks, three expert episodes each, state observations."""
-    from lcbc.envs.collect import collect
+    from lcbc.collect import collect
 
     path = tmp_path_factory.mktemp("metaworld") / "two_tasks.hdf5"
-    collect(str(path), ["drawer-open-v3", "reach-v3"], episodes_per_task=3, workers=1)
+    collect(str(path), "metaworld:drawer-open-v3,reach-v3", episodes_per_task=3, workers=1)
     return path

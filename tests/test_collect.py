@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
+from lcbc.benchmarks.metaworld import instruction_table
 from lcbc.cli import main
 from lcbc.data.dataset import DemoDataset
 from lcbc.data.hdf5 import demo_names, open_demo_file, summarize, validate
-from lcbc.envs.instructions import canonical_instruction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_small_real_collection(metaworld_file):
     summary = summarize(metaworld_file)
     assert summary["demos"] == 6
     assert summary["instructions"] == {"open the drawer": 3, "reach the goal": 3} or \
-        summary["instructions"] == {canonical_instruction("drawer-open-v3"): 3, canonical_instruction("reach-v3"): 3}
+        summary["instructions"] == {instruction_table()["drawer-open-v3"][0]: 3, instruction_table()["reach-v3"][0]: 3}
     assert summary["obs"]["state"] == {"shape": [39], "dtype": "float32"}
     assert summary["action_dim"] == 4
     assert max(summary["action_max"]) <= 1.0 and min(summary["action_min"]) >= -1.0
@@ -35,7 +35,9 @@ def test_small_real_collection(metaworld_file):
             demo = f["data"][name]
             episodes.setdefault(demo.attrs["task"], []).append(int(demo.attrs["episode"]))
             assert demo["dones"][-1] == 1 and demo["states"].shape[0] == demo["actions"].shape[0]
-            assert demo.attrs["seed"] == 0
+            assert demo.attrs["split"] == "train"
+            # Sparse rewards, as robomimic writes them: 1 where the task holds, through the last step.
+            assert set(np.unique(demo["rewards"][()])) <= {0.0, 1.0} and demo["rewards"][-1] == 1.0
         # A different goal variation for every episode of a task.
         assert all(len(set(e)) == len(e) == 3 for e in episodes.values())
         goals = {tuple(f["data"][name]["obs/state"][0, -3:]) for name in demo_names(f)}
@@ -45,10 +47,10 @@ def test_small_real_collection(metaworld_file):
 
 
 def test_collection_with_camera_images(tmp_path):
-    from lcbc.envs.collect import collect
+    from lcbc.collect import collect
 
     path = tmp_path / "pixels.hdf5"
-    collect(str(path), ["reach-v3"], episodes_per_task=1, camera="corner", image_size=32)
+    collect(str(path), "metaworld:reach-v3", episodes_per_task=1, camera="corner", image_size=32)
     with h5py.File(path) as f:
         demo = f["data"][demo_names(f)[0]]
         images, robot = demo["obs/corner_rgb"][()], demo["obs/robot_state"][()]
@@ -61,14 +63,14 @@ def test_collection_with_camera_images(tmp_path):
 
 
 def test_steps_after_success_extend_the_same_episode():
-    from lcbc.envs.collect import rollout_expert
-    from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
+    from lcbc.benchmark import load_benchmark
+    from lcbc.collect import rollout_expert
 
-    env = MetaWorldEnv("reach-v3", seed=0, episode=0)
+    benchmark = load_benchmark("metaworld:reach-v3")
+    env, goal = benchmark.make_env("reach-v3"), benchmark.goal("reach-v3", "train", 0)
     episodes = []
     for extra in (0, 7):
-        env.set_goal(goal_for_episode("reach-v3", 0, 0))
-        episodes.append(rollout_expert(env, scripted_expert("reach-v3"), steps_after_success=extra))
+        episodes.append(rollout_expert(env, benchmark.expert("reach-v3"), goal, steps_after_success=extra))
     env.close()
     (short, short_success), (long, long_success) = episodes
     assert short_success and long_success
@@ -79,7 +81,7 @@ def test_steps_after_success_extend_the_same_episode():
 
 def test_collect_cli_defaults_match_the_collector_and_reject_negative_steps(tmp_path, capsys):
     from lcbc.cli import build_parser
-    from lcbc.envs.collect import STEPS_AFTER_SUCCESS
+    from lcbc.collect import STEPS_AFTER_SUCCESS
 
     args = build_parser().parse_args(["collect", "--benchmark", "reach-v3", "--out", "x.hdf5"])
     assert args.steps_after_success == STEPS_AFTER_SUCCESS

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from lcbc.benchmarks.metaworld import instruction_table
+from lcbc.benchmarks.metaworld.augment import StateAugmentation
+from lcbc.benchmarks.metaworld.env import FINGERTIP_OFFSET
 from lcbc.data.datamodule import DemoDataModule
 from lcbc.data.dataset import DemoDataset, split_demos
 from lcbc.errors import UserError
@@ -83,7 +86,8 @@ def test_bad_window_arguments(demo_file):
 def test_task_and_instruction_ids(tmp_path):
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(3, 3, 3, 3), instructions=["open the drawer", "reach"],
                            tasks=["drawer-open-v3", "reach-v3"])
-    ds = DemoDataset(path, train_paraphrases=2)
+    ds = DemoDataset(path, train_paraphrases=2, paraphrases={task: list(instruction_table()[task][1:])
+                                                              for task in ("drawer-open-v3", "reach-v3")})
     assert ds.tasks == ["drawer-open-v3", "reach-v3"]
     assert len(ds.instructions) == 6  # two instructions, two paraphrases each
     batch = ds.__getitems__(np.repeat([0, 3], 200))
@@ -94,11 +98,9 @@ def test_task_and_instruction_ids(tmp_path):
 
 @pytest.mark.parametrize("share", [1.0, 0.5])
 def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
-    from lcbc.envs.metaworld import FINGERTIP_OFFSET
-
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(6, 6, 6), state_dim=10, instructions=["x"],
                            tasks=["reach-v3", "push-v3", "drawer-open-v3"])
-    ds = DemoDataset(path, history=2, relabel_state_goals=share)
+    ds = DemoDataset(path, history=2, augmentation=StateAugmentation(relabel_goals=share))
     # Dimension k of global step g holds g + 1000 k, so every number says where it was read from.
     ds.low_dim["state"] = np.arange(len(ds))[:, None] + 1000.0 * np.arange(10)
     stored = ds.low_dim["state"].copy()
@@ -124,14 +126,14 @@ def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
     assert not relabeled[~eligible].any()  # drawer-open, and the last step of every demo, keep their goal
     assert relabeled[eligible].mean() == pytest.approx(share, abs=0.06)
     np.testing.assert_array_equal(ds.low_dim["state"], stored)  # the loaded data is never overwritten
-    with pytest.raises(UserError, match="relabel_state_goals"):
-        DemoDataset(path, relabel_state_goals=1.5)
+    with pytest.raises(UserError, match="relabel_goals"):
+        StateAugmentation(relabel_goals=1.5)
 
 
 def test_ignored_objects_come_from_random_demos_of_the_same_task(tmp_path):
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(4, 4, 4, 4), state_dim=39, instructions=["x"],
                            tasks=["reach-v3", "push-v3"])
-    ds = DemoDataset(path, history=2, shuffle_ignored_objects=True)
+    ds = DemoDataset(path, history=2, augmentation=StateAugmentation(shuffle_ignored_objects=True))
     ds.low_dim["state"] = np.arange(len(ds))[:, None] + 1000.0 * np.arange(39)  # g + 1000 k, as above
     stored = ds.low_dim["state"].copy()
     torch.manual_seed(0)
@@ -156,7 +158,7 @@ def test_shifted_windows_move_hand_puck_and_goal_together_in_xy(tmp_path):
     """push moves along x and y, peg-insert-side along y only (its expert aims at a fixed x), the drawer not."""
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(5, 5, 5), state_dim=39, instructions=["x"],
                            tasks=["push-v3", "drawer-open-v3", "peg-insert-side-v3"])
-    ds = DemoDataset(path, history=3, shift_state_xy=0.05)
+    ds = DemoDataset(path, history=3, augmentation=StateAugmentation(shift_xy=0.05))
     torch.manual_seed(0)
     steps = np.repeat(np.arange(len(ds)), 20)
     state = ds.__getitems__(steps)["obs"]["state"].numpy().astype(np.float64)
@@ -172,8 +174,8 @@ def test_shifted_windows_move_hand_puck_and_goal_together_in_xy(tmp_path):
         assert np.abs(shift[..., 1]).max() <= 0.05 and np.abs(shift[..., 1]).max() > 0.04
         assert len(np.unique(shift[:, 0, 1])) > 50
         assert (np.abs(shift[..., 0]).max() > 0.04) == (name == "push-v3")
-    with pytest.raises(UserError, match="shift_state_xy"):
-        DemoDataset(path, shift_state_xy=-0.1)
+    with pytest.raises(UserError, match="shift_xy"):
+        StateAugmentation(shift_xy=-0.1)
 
 
 def test_shifted_images_move_each_window_as_a_whole(tmp_path):

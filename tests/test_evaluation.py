@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 
+from lcbc.benchmark import load_benchmark
 from lcbc.cli import main
 from lcbc.data.datamodule import DemoDataModule
 from lcbc.evaluation.rollout import ExpertActor, rollout
@@ -29,10 +30,24 @@ def trained_policy(metaworld_file, tmp_path_factory):
 
 
 def test_expert_rollouts_succeed_on_new_goals():
-    result = rollout(ExpertActor(), ["drawer-open-v3", "reach-v3"], episodes=4, envs_per_task=2, progress=False)
-    assert sum(len(v) for v in result.successes.values()) == 8
-    assert result.success_rate("drawer-open-v3") == 1.0 and result.success_rate("reach-v3") == 1.0
-    assert result.steps > 8
+    benchmark = load_benchmark("metaworld:drawer-open-v3,reach-v3")
+    for split in ("validation", "test"):
+        result = rollout(ExpertActor(benchmark), benchmark, episodes=4, split=split, envs_per_task=2, progress=False)
+        assert sum(len(v) for v in result.successes.values()) == 8
+        assert result.success_rate("drawer-open-v3") == 1.0 and result.success_rate("reach-v3") == 1.0
+        assert result.steps > 8
+
+
+def test_splits_hold_different_goal_variations():
+    """Train (seed 0, 2, 3, ...), validation (seed 1, on which earlier recipes were tuned) and test share no goal."""
+    from lcbc.benchmarks.metaworld.scorer import scene_of
+
+    benchmark = load_benchmark("metaworld:reach-v3")
+    scenes = {split: {tuple(scene_of(benchmark.goal("reach-v3", split, i))) for i in range(0, 400, 7)}
+              for split in ("train", "validation", "test")}
+    assert all(len(found) == len(range(0, 400, 7)) for found in scenes.values())
+    assert not (scenes["train"] & scenes["validation"] or scenes["train"] & scenes["test"]
+                or scenes["validation"] & scenes["test"])
 
 
 def test_eval_writes_table_chart_and_video(trained_policy, tmp_path, capsys):
@@ -40,14 +55,16 @@ def test_eval_writes_table_chart_and_video(trained_policy, tmp_path, capsys):
     phrasings.write_text(json.dumps({"drawer-open-v3": ["open the drawer", "pull the drawer out"]}))
     out = tmp_path / "eval"
     main(["eval", "--policy", str(trained_policy), "--benchmark", "drawer-open-v3", "--episodes", "2",
-          "--instructions", str(phrasings), "--videos", "1", "--out", str(out), "--envs-per-task", "2"])
+          "--instructions", str(phrasings), "--videos", "1", "--out", str(out), "--envs-per-task", "2",
+          "--split", "test"])
     table = json.loads((out / "success.json").read_text())
+    assert table["split"] == "test" and table["benchmark"] == "metaworld:drawer-open-v3"
     row = table["tasks"]["drawer-open-v3"]
     assert row["episodes"] == 4 and set(row["phrasings"]) == {"open the drawer", "pull the drawer out"}
     assert row["expert"] == 1.0 and 0.0 <= table["mean"] <= 1.0 and table["steps_per_second"] > 0
     assert (out / "success.png").stat().st_size > 1000 and (out / "videos" / "drawer-open-v3_0.gif").exists()
     assert "| drawer-open-v3 |" in (out / "success.md").read_text()
-    assert "env steps/s" in capsys.readouterr().out
+    assert "test split" in capsys.readouterr().out
 
 
 def test_act_runs_one_episode_from_an_instruction(trained_policy, tmp_path, capsys):
@@ -60,13 +77,28 @@ def test_act_runs_one_episode_from_an_instruction(trained_policy, tmp_path, caps
 def test_bad_inputs_exit_2(trained_policy, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    for argv in (["eval", "--policy", str(tmp_path), "--benchmark", "MT10"],
-                 ["eval", "--policy", str(trained_policy), "--benchmark", "fly-v3"],
-                 ["eval", "--policy", str(trained_policy), "--benchmark", "reach-v3", "--instructions", str(bad)]):
+    typo = tmp_path / "typo.json"  # one good key, one that names no task of the run
+    typo.write_text(json.dumps({"reach-v3": ["reach the goal"], "reach": ["go to the goal"]}))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"reach-v3": ["  "]}))
+    policy = str(trained_policy)
+    for argv, named in ((["eval", "--policy", str(tmp_path), "--benchmark", "MT10"], str(tmp_path)),
+                        (["eval", "--policy", policy, "--benchmark", "fly-v3"], "fly-v3"),
+                        (["eval", "--policy", policy, "--benchmark", "Lift"], "Lift"),
+                        (["eval", "--policy", policy, "--benchmark", "MT10", "--split", "train2"], "--split"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--instructions", str(bad)],
+                         "bad.json"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--instructions", str(typo)],
+                         "'reach'"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--instructions", str(empty)],
+                         "non-empty"),
+                        (["act", "--policy", policy, "--task", "nope-v3", "x"], "--task"),
+                        (["act", "--policy", policy, "--task", "reach-v3", " "], "empty")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], (argv, err)
 
 
 def test_policy_act_batch_keeps_per_environment_history(trained_policy):

@@ -13,14 +13,17 @@ import pytest
 import torch
 from test_evaluation import trained_policy  # noqa: F401  (fixture: RT-1-tiny cloned from 3 demos a task)
 
+from lcbc.benchmark import load_benchmark
+from lcbc.benchmarks.metaworld.augment import ActorStateAugmentation
+from lcbc.benchmarks.metaworld.env import MetaWorldEnv, split_goal
+from lcbc.benchmarks.metaworld.scorer import scene_of
 from lcbc.cli import main
-from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
-from lcbc.rl.collector import Collector, exploration_goal, pink_noise
+from lcbc.rl.collector import Collector, pink_noise
 from lcbc.rl.iql import Critics, IQLConfig, actor_loss, awr_weights, critic_loss, expectile_loss
 from lcbc.rl.pcgrad import pcgrad_backward
-from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, RelabelConfig, ReplayBuffer, scene_of
+from lcbc.rl.replay import GOAL_RELABEL, ORIGINAL, Episode, RelabelConfig, ReplayBuffer
 from lcbc.training.finetune import FineTuning, finetune_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,17 +174,19 @@ def test_q_regresses_onto_reward_plus_discounted_next_value_or_an_absorbing_succ
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_exploration_goals_are_new_every_episode_and_never_evaluations():
-    scenes = [tuple(scene_of(exploration_goal("reach-v3", number))) for number in range(150)]
-    evaluation = {tuple(scene_of(goal_for_episode("reach-v3", 1, number))) for number in range(50)}
-    assert len(set(scenes)) == 150 and not evaluation & set(scenes)
-    # The demonstrations' goals (seed 0) come first.
-    assert scenes[:50] == [tuple(scene_of(goal_for_episode("reach-v3", 0, number))) for number in range(50)]
+def test_exploration_goals_are_new_every_episode_and_train_goals():
+    collector = Collector(load_benchmark("metaworld:reach-v3"))
+    scenes = []
+    for _ in range(60):
+        collector._start(0)
+        scenes.append(tuple(scene_of(collector._episodes[0].goal)))
+    assert len(set(scenes)) == 60
+    assert scenes == [tuple(scene_of(split_goal("reach-v3", "train", number))) for number in range(60)]
 
 
 def test_failure_driven_collection_sends_environments_to_failing_tasks_and_reuses_them():
-    collector = Collector(["reach-v3", "drawer-open-v3", "drawer-close-v3"], task_collection="failures",
-                          solved_task_weight=0.25)
+    collector = Collector(load_benchmark("metaworld:reach-v3,drawer-open-v3,drawer-close-v3"),
+                          task_collection="failures", solved_task_weight=0.25)
     collector.task_successes["reach-v3"].extend([False] * 20)  # failure rate 1: weight 1.25
     for task in ("drawer-open-v3", "drawer-close-v3"):  # solved: weight 0.25 each
         collector.task_successes[task].extend([True] * 20)
@@ -191,15 +196,17 @@ def test_failure_driven_collection_sends_environments_to_failing_tasks_and_reuse
     # A slot switching task parks its environment and takes a parked one of the new task when there is one.
     first, second = collector.envs[0], collector.envs[1]
     assert collector._env_for(0, "drawer-open-v3").task == "drawer-open-v3" and collector.envs[0] is not first
+    assert collector.slot_tasks[:2] == ["drawer-open-v3", "drawer-open-v3"]
     assert collector._env_for(1, "reach-v3") is first and collector._parked["drawer-open-v3"] == [second]
-    assert Collector(["reach-v3"])._next_task("reach-v3") == "reach-v3"  # uniform: a slot keeps its task
+    reach = load_benchmark("metaworld:reach-v3")
+    assert Collector(reach)._next_task("reach-v3") == "reach-v3"  # uniform: a slot keeps its task
     with pytest.raises(ValueError, match="task_collection"):
-        Collector(["reach-v3"], task_collection="hardest")
+        Collector(reach, task_collection="hardest")
 
 
 @pytest.mark.parametrize("scale", ["fixed", "uniform"])
 def test_exploration_scale_is_the_same_every_episode_or_drawn_for_each(scale):
-    collector = Collector(["reach-v3"], max_episode_steps=200, exploration_scale=scale)
+    collector = Collector(load_benchmark("metaworld:reach-v3"), max_episode_steps=200, exploration_scale=scale)
     sizes = []
     for _ in range(60):
         collector._start(0)
@@ -315,15 +322,20 @@ def test_policy_average_moves_toward_the_trained_weights_by_one_minus_its_decay(
 
 
 def test_replay_windows_are_the_episode_frames_with_the_row_goal():
-    goal = goal_for_episode("reach-v3", 0, 0)
+    goal = split_goal("reach-v3", "train", 0)
     env = MetaWorldEnv("reach-v3", goal=goal)
-    env.reset()
+    obs, _ = env.reset()
     states, actions = [env.simulator_state()], np.random.default_rng(0).uniform(-1, 1, (12, 4))
+    observations, successes = [obs["state"]], []
     for action in actions:
-        env.step(action)
+        obs, _, _, _, info = env.step(action)
         states.append(env.simulator_state())
-    buffer = ReplayBuffer(["reach-v3"], 100, RelabelConfig(goal_strategy="future", goal_relabels=1))
-    buffer.add_episode("reach-v3", goal, np.array(states), actions)
+        observations.append(obs["state"])
+        successes.append(info["success"])
+    buffer = ReplayBuffer(load_benchmark("metaworld:reach-v3"), 100, RelabelConfig(goal_strategy="future",
+                                                                                  goal_relabels=1))
+    buffer.add_episode(Episode("reach-v3", goal, np.array(observations), actions, np.array(successes),
+                               np.array(states)))
     batch = buffer.sample(64, history=3)
     original = buffer.transitions()["obs"][:12]  # the episode's own rows, steps 0-11
     assert batch["obs_window"].shape == (64, 3, 39) and batch["window_mask"].shape == (64, 3)
@@ -338,7 +350,7 @@ def test_replay_windows_are_the_episode_frames_with_the_row_goal():
             np.testing.assert_allclose(frame[-3:], batch["obs"][row, -3:])  # the row's goal, relabeled or not
 
 
-def test_actor_windows_get_the_loaders_state_augmentations():
+def test_metaworld_actor_augmentation_moves_what_its_experts_allow():
     """Reach's puck comes from another reach row in every frame; pick-place's goal from another pick-place row
     while the gripper is open; hand, puck and goal of reach and push move by one x, y offset per window,
     peg-insert-side's in x only while it approaches the peg; reach's hand and goal, and pick-place's while it
@@ -349,11 +361,9 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     stored[:, 1, 4:18] = stored[:, 0, 4:18]  # reach's puck never moves within a window
 
     def augmented(tasks=tasks, task=task, windows=stored, **options) -> np.ndarray:
-        module = FineTuning(policy="unused", **options)
-        module.tasks, module.replay = tasks, ReplayBuffer(tasks, capacity=8)
-        sample = {"obs_window": windows.copy(), "task": task}
-        module._augment_actor_windows(sample)
-        return sample["obs_window"]
+        windows = windows.copy()
+        ActorStateAugmentation(**options)(windows, task, tasks, np.random.default_rng(0))
+        return windows
 
     shuffled = augmented(shuffle_ignored_objects=True)
     reach_pucks = {tuple(row) for row in stored[:4, -1, 4:18]}
@@ -381,7 +391,7 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     np.testing.assert_array_equal(goal_shuffled[3:], pick_windows[3:])
     np.testing.assert_array_equal(goal_shuffled[..., :36], pick_windows[..., :36])
 
-    moved = augmented(shift_state_xy=0.05)
+    moved = augmented(shift_xy=0.05)
     offset = moved - stored
     positions = [0, 4, 18, 22, 36]
     for row in range(5):
@@ -395,7 +405,7 @@ def test_actor_windows_get_the_loaders_state_augmentations():
 
     # Reach's hand (now and a step earlier) and goal rise by one height in [0, 0.1] per window; its puck,
     # push and drawer-open stay.
-    raised = augmented(shift_state_z=0.1)
+    raised = augmented(shift_z=0.1)
     rise = raised - stored
     for row in range(4):
         np.testing.assert_allclose(rise[row, :, [2, 20, 38]], np.full((3, 2), rise[row, 0, 2]), atol=1e-6)
@@ -409,7 +419,7 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     held[:, :, 3], held[:, :, 6] = 0.5, 0.1  # gripper closed, puck 10 cm up
     held[1, 0, 3] = 0.9  # one frame with the gripper open
     held[2, 1, 6] = 0.02  # one frame with the puck on the table
-    raised = augmented(pick_tasks, pick_task, held, shift_state_z=0.1)
+    raised = augmented(pick_tasks, pick_task, held, shift_z=0.1)
     rise = raised - held
     for row in (0, 3, 4):
         np.testing.assert_allclose(rise[row, :, [2, 6, 20, 24, 38]], np.full((5, 2), rise[row, 0, 2]), atol=1e-6)
@@ -426,7 +436,7 @@ def test_actor_windows_get_the_loaders_state_augmentations():
     peg[1, 1, 0:3] = (0.1, 0.6, 0.045)  # at the peg in the last frame
     peg[2, :, 6] = 0.1  # the peg lifted
     peg[3, :, 0:3] = (0.1, 0.6, 0.1)  # right above the peg, 7 cm up: still approaching
-    offset = augmented(peg_tasks, peg_task, peg, shift_state_xy=0.05) - peg
+    offset = augmented(peg_tasks, peg_task, peg, shift_xy=0.05) - peg
     assert all(offset[row, 0, 0] != 0 and offset[row, 0, 1] != 0 for row in (0, 3, 4))
     assert all(offset[row, 0, 0] == 0 and offset[row, 0, 1] != 0 for row in (1, 2))
     np.testing.assert_array_equal(offset[5], 0)
@@ -436,6 +446,7 @@ def test_every_finetune_config_instantiates(tmp_path):
     for config in sorted((ROOT / "configs").glob("finetune_*.yaml")):
         cli = finetune_cli(str(config), "runs/some_policy", "MT10", str(tmp_path))
         assert isinstance(cli.model, FineTuning) and cli.model.hparams.benchmark == "MT10", config
+        assert cli.model.benchmark.tasks[0] == "reach-v3"
         assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
         assert {type(logger).__name__ for logger in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
     overridden = finetune_cli(str(config), "runs/some_policy", "MT10", str(tmp_path),
@@ -445,7 +456,7 @@ def test_every_finetune_config_instantiates(tmp_path):
 
 @pytest.mark.parametrize("policy, benchmark, config, message", [
     ("missing", "reach-v3", None, "not an exported policy"),
-    (None, "reach-v3,fly-v3", None, "unknown Meta-World task"),
+    (None, "reach-v3,fly-v3", None, "'fly-v3' is neither a benchmark"),
     (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
     (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
     (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful"),
@@ -459,11 +470,13 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.exploration_scale: 'wide' is not one of fixed, uniform"),
     (None, "reach-v3", "model: {solved_task_weight: 0}", "model.solved_task_weight: 0.0 is not a positive number"),
     (None, "reach-v3", "model: {policy_ema: 1}", "model.policy_ema: 1.0 is not in [0, 1)"),
-    (None, "reach-v3", "model: {shift_state_z: -0.1}", "model.shift_state_z: -0.1 is not a non-negative number"),
+    (None, "reach-v3", "model: {actor_augmentation: {class_path: "
+     "lcbc.benchmarks.metaworld.augment.ActorStateAugmentation, init_args: {shift_z: -0.1}}}",
+     "shift_z: -0.1 is not a non-negative number"),
     (None, "reach-v3", "model: {demo_goal_weights: {reach-v3: -1}}",
      "model.demo_goal_weights: reach-v3: -1.0 is not a non-negative number"),
     (None, "reach-v3", "model: {demo_goal_weights: {fly-v3: 0}}",
-     "model.demo_goal_weights: 'fly-v3' is not a Meta-World task"),
+     "model.demo_goal_weights: 'fly-v3' is not a task of metaworld:reach-v3"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

@@ -1,9 +1,14 @@
+"""The Meta-World plug-in's instructions (instructions.json): canonical first, paraphrases after."""
+
 import pytest
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-from lcbc.envs.instructions import INSTRUCTIONS, canonical_instruction, paraphrases
+from lcbc.benchmark import load_benchmark
+from lcbc.benchmarks.metaworld import instruction_table
+from lcbc.errors import UserError
 
 TASKS = sorted(ALL_V3_ENVIRONMENTS)
+INSTRUCTIONS = instruction_table()
 
 
 def test_keys_match_metaworld_v3_tasks():
@@ -33,18 +38,16 @@ def test_no_task_name_leaks_into_instructions(task):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_accessors(task):
-    canonical = canonical_instruction(task)
-    rest = paraphrases(task)
-    assert canonical == INSTRUCTIONS[task][0]
-    assert rest == INSTRUCTIONS[task][1:]
+def test_the_benchmark_gives_canonical_first(task):
+    benchmark = load_benchmark("metaworld:MT50")
+    canonical, *rest = benchmark.instructions(task)
+    assert canonical == benchmark.canonical_instruction(task) == INSTRUCTIONS[task][0]
     assert len(rest) >= 4
-    assert canonical not in rest
     assert all(p.lower() != canonical.lower() for p in rest)
 
 
 def test_canonical_instructions_are_unique_across_tasks():
-    canonicals = [canonical_instruction(task) for task in TASKS]
+    canonicals = [INSTRUCTIONS[task][0] for task in TASKS]
     assert len({c.lower() for c in canonicals}) == len(canonicals)
 
 
@@ -57,7 +60,6 @@ def test_no_instruction_is_shared_between_tasks():
             seen[key] = task
 
 
-@pytest.mark.parametrize("accessor", [canonical_instruction, paraphrases])
-def test_unknown_task_raises_key_error(accessor):
-    with pytest.raises(KeyError, match="foo-v3"):
-        accessor("foo-v3")
+def test_unknown_task_is_one_clear_error():
+    with pytest.raises(UserError, match="foo-v3"):
+        load_benchmark("metaworld:MT10").instructions("foo-v3")

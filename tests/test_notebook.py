@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_notebook_executes(tmp_path):
     notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     settings = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    settings.source += "\nTASKS = ['drawer-open-v3']\nEPISODES_PER_TASK = 2\nTRAIN_STEPS = 5\nEVAL_EPISODES = 1\n"
+    settings.source += ("\nBENCHMARK = 'metaworld:drawer-open-v3'\nEPISODES_PER_TASK = 2\nTRAIN_STEPS = 5\n"
+                        "EVAL_EPISODES = 1\n")
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

@@ -9,27 +9,27 @@ import h5py
 import numpy as np
 import pytest
 
-from lcbc.envs.collect import STEPS_AFTER_SUCCESS
-from lcbc.envs.metaworld import (
+from lcbc.benchmark import load_benchmark
+from lcbc.benchmarks.metaworld import SCENES
+from lcbc.benchmarks.metaworld.env import (
     MetaWorldEnv,
-    goal_for_episode,
     restore_simulator_state,
     scripted_expert,
     simulator_state_size,
+    split_goal,
 )
+from lcbc.benchmarks.metaworld.scorer import DENSE_REWARD_MAX, goal_in_scene, scene_of
+from lcbc.collect import STEPS_AFTER_SUCCESS
 from lcbc.errors import UserError
 from lcbc.rl.replay import (
     DEMO,
-    DENSE_REWARD_MAX,
     GOAL_RELABEL,
     ONLINE,
     ORIGINAL,
-    SCENES,
     TASK_RELABEL,
+    Episode,
     RelabelConfig,
     ReplayBuffer,
-    goal_in_scene,
-    scene_of,
 )
 from tests.conftest import write_demo_file
 
@@ -37,7 +37,7 @@ from tests.conftest import write_demo_file
 @functools.cache
 def expert_episode(task: str, steps: int = 500) -> dict:
     """The scripted expert on goal 0 of seed 0, for at most `steps` steps or until it succeeds."""
-    goal = goal_for_episode(task, 0, 0)
+    goal = split_goal(task, "train", 0)
     env = MetaWorldEnv(task, goal=goal)
     expert = scripted_expert(task)
     obs, _ = env.reset()
@@ -54,9 +54,19 @@ def expert_episode(task: str, steps: int = 500) -> dict:
     return {"goal": goal, **{key: np.array(value) for key, value in episode.items()}}
 
 
+def mw(*tasks: str):
+    return load_benchmark("metaworld:" + ",".join(tasks))
+
+
+def as_episode(task: str, episode: dict, states: np.ndarray | None = None) -> Episode:
+    """An `expert_episode` as the collector hands it to the buffer."""
+    return Episode(task, episode["goal"], episode["obs"], episode["actions"], episode["successes"],
+                   episode["states"] if states is None else states)
+
+
 def added(buffer: ReplayBuffer, task: str, steps: int = 500) -> dict[str, np.ndarray]:
     episode = expert_episode(task, steps)
-    number = buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"])
+    number = buffer.add_episode(as_episode(task, episode))
     rows = buffer.transitions()
     return {key: column[rows["episode"] == number] for key, column in rows.items()}
 
@@ -91,8 +101,8 @@ def test_final_goal_relabels_equal_env_step_with_that_goal(task):
     episode = expert_episode(task, steps=30)
     assert not episode["successes"].any()
     config = {"goal_strategy": "final", "goal_relabels": 3}
-    dense = added(ReplayBuffer([task], 1000, RelabelConfig(reward="dense", **config)), task, steps=30)
-    sparse = added(ReplayBuffer([task], 1000, RelabelConfig(reward="sparse", **config)), task, steps=30)
+    dense = added(ReplayBuffer(mw(task), 1000, RelabelConfig(reward="dense", **config)), task, steps=30)
+    sparse = added(ReplayBuffer(mw(task), 1000, RelabelConfig(reward="sparse", **config)), task, steps=30)
     original, relabeled = (select(dense, dense["relabel"] == kind) for kind in (ORIGINAL, GOAL_RELABEL))
     assert len(original["reward"]) == len(relabeled["reward"]) == 30  # 'final' relabels each step once
     np.testing.assert_array_equal(original["reward"], np.float32(episode["rewards"] / DENSE_REWARD_MAX))
@@ -121,7 +131,7 @@ def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
     """Original rows reach their goal from the start up to the success (none for a cut-off episode);
     'final' relabels reach theirs when the hand or object moved off its start, and 'episode' relabels
     only those whose goal step is not behind them."""
-    rows = added(ReplayBuffer([task], 5000, RelabelConfig(goal_strategy="final", goal_relabels=1)), task, steps)
+    rows = added(ReplayBuffer(mw(task), 5000, RelabelConfig(goal_strategy="final", goal_relabels=1)), task, steps)
     original, relabeled = (select(rows, rows["relabel"] == kind) for kind in (ORIGINAL, GOAL_RELABEL))
     succeeded = expert_episode(task, steps)["successes"].any()
     assert (original["reaches_goal"] == succeeded).all()
@@ -133,7 +143,7 @@ def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
     if task == "reach-v3":
         assert moved  # 30 steps take the hand well away from its start, though not yet to the goal
     final_goal = relabeled["goal"][0]
-    rows = added(ReplayBuffer([task], 5000, RelabelConfig(goal_strategy="episode", goal_relabels=4)), task, steps)
+    rows = added(ReplayBuffer(mw(task), 5000, RelabelConfig(goal_strategy="episode", goal_relabels=4)), task, steps)
     relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
     last = relabeled["step"] == len(original["action"]) - 1  # the final goal is the only one not behind it
     is_final = (relabeled["goal"] == final_goal).all(axis=1)
@@ -144,7 +154,7 @@ def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
 @pytest.mark.parametrize("task, strategy", [("reach-v3", "future"), ("pick-place-v3", "episode")])
 def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task, strategy):
     episode = expert_episode(task)
-    rows = added(ReplayBuffer([task], 5000, RelabelConfig(reward="dense", goal_strategy=strategy, goal_relabels=3),
+    rows = added(ReplayBuffer(mw(task), 5000, RelabelConfig(reward="dense", goal_strategy=strategy, goal_relabels=3),
                               seed=1), task)
     steps = len(episode["actions"])
     relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
@@ -172,7 +182,7 @@ def test_task_relabels_equal_the_other_tasks_env(task, others):
     """Every task-relabeled transition's reward, success and observation equal what a fresh env of the
     other task, reset into the same goal variation, reports at the stored state."""
     episode = expert_episode(task)
-    rows = added(ReplayBuffer([task, *others], 5000, RelabelConfig(reward="dense", task_strategy="all")), task)
+    rows = added(ReplayBuffer(mw(task, *others), 5000, RelabelConfig(reward="dense", task_strategy="all")), task)
     scene = scene_of(episode["goal"])
     for index, other in enumerate(others, start=1):
         relabeled = select(rows, (rows["relabel"] == TASK_RELABEL) & (rows["task"] == index))
@@ -202,7 +212,7 @@ def test_task_relabels_equal_the_other_tasks_env(task, others):
 
 def test_high_and_random_task_strategies():
     """A push episode also moves the object onto pick-place's goal and the hand near reach's."""
-    buffer = ReplayBuffer(["push-v3", "reach-v3", "pick-place-v3"], 50_000, RelabelConfig(task_strategy="all"))
+    buffer = ReplayBuffer(mw("push-v3", "reach-v3", "pick-place-v3"), 50_000, RelabelConfig(task_strategy="all"))
     rows = added(buffer, "push-v3")
     returns = {task: rows["reward"][(rows["relabel"] == TASK_RELABEL) & (rows["task"] == task)].sum()
                for task in (1, 2)}
@@ -216,7 +226,7 @@ def test_high_and_random_task_strategies():
         assert set(relabeled["task"][relabeled["relabel"] == TASK_RELABEL]) == expected
     # A drawer-open episode starts with drawer-close holding until the drawer opens: that scores for `all`,
     # never for `high`, which counts no success the episode starts with.
-    drawers = ReplayBuffer(["drawer-open-v3", "drawer-close-v3"], 50_000, RelabelConfig(task_strategy="all"))
+    drawers = ReplayBuffer(mw("drawer-open-v3", "drawer-close-v3"), 50_000, RelabelConfig(task_strategy="all"))
     relabeled = added(drawers, "drawer-open-v3")
     assert relabeled["reward"][relabeled["relabel"] == TASK_RELABEL][0] == 1
     drawers.config = RelabelConfig(task_strategy="high")
@@ -230,7 +240,7 @@ def test_high_and_random_task_strategies():
 
 
 def test_demos_are_rescored_kept_apart_from_the_ring_and_sampled_in_proportion(metaworld_file):
-    buffer = ReplayBuffer(["drawer-open-v3", "drawer-close-v3", "reach-v3"], 60,
+    buffer = ReplayBuffer(mw("drawer-open-v3", "drawer-close-v3", "reach-v3"), 60,
                           RelabelConfig(goal_strategy="final", task_strategy="all"), demo_fraction=0.25)
     added_count = buffer.load_demos(metaworld_file)
     demos = {key: column.copy() for key, column in buffer.transitions("demo").items()}
@@ -263,7 +273,7 @@ def test_demos_are_rescored_kept_apart_from_the_ring_and_sampled_in_proportion(m
 
 
 def test_task_weights_set_each_tasks_share_of_the_batch():
-    buffer = ReplayBuffer(["reach-v3", "drawer-close-v3", "door-open-v3"], 200,
+    buffer = ReplayBuffer(mw("reach-v3", "drawer-close-v3", "door-open-v3"), 200,
                           RelabelConfig(goal_strategy="future", goal_relabels=2), demo_fraction=0.0)
     reach, drawer = added(buffer, "reach-v3", steps=20), added(buffer, "drawer-close-v3", steps=20)
     assert len(reach["task"]) == 60 and len(drawer["task"]) == 20  # reach's goal relabels triple its rows
@@ -281,11 +291,11 @@ def test_task_weights_set_each_tasks_share_of_the_batch():
 
 
 def test_task_weights_can_leave_the_demonstrations_part_by_rows():
-    buffer = ReplayBuffer(["reach-v3", "drawer-close-v3"], 200, demo_fraction=0.5)
+    buffer = ReplayBuffer(mw("reach-v3", "drawer-close-v3"), 200, demo_fraction=0.5)
     for task in buffer.tasks:
         episode = expert_episode(task, steps=20)
-        buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"], source="demo")
-        buffer.add_episode(task, episode["goal"], episode["states"], episode["actions"])
+        buffer.add_episode(as_episode(task, episode), source="demo")
+        buffer.add_episode(as_episode(task, episode))
     only_reach = np.array([1.0, 0.0])
     weighted, online_only = (buffer.sample(4000, task_weights=only_reach, weigh_demos=weigh)
                              for weigh in (True, False))
@@ -296,11 +306,11 @@ def test_task_weights_can_leave_the_demonstrations_part_by_rows():
 
 
 def test_ring_overwrites_the_oldest_transitions():
-    buffer = ReplayBuffer(["reach-v3"], 50)
+    buffer = ReplayBuffer(mw("reach-v3"), 50)
     episode = expert_episode("reach-v3", steps=20)
     written = []  # (episode, step) in writing order: 20 transitions per episode, no relabels
     for _ in range(4):
-        number = buffer.add_episode("reach-v3", episode["goal"], episode["states"], episode["actions"])
+        number = buffer.add_episode(as_episode("reach-v3", episode))
         written += [(number, step) for step in range(20)]
     stored = buffer.transitions()
     assert buffer.online_size == 50
@@ -308,9 +318,9 @@ def test_ring_overwrites_the_oldest_transitions():
         assert (stored["episode"][position % 50], stored["step"][position % 50]) == expected
     assert (buffer.sample(10)["source"] == ONLINE).all()
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(["reach-v3"], 10).add_episode("reach-v3", episode["goal"], episode["states"], episode["actions"])
+        ReplayBuffer(mw("reach-v3"), 10).add_episode(as_episode("reach-v3", episode))
     with pytest.raises(ValueError, match="expected"):
-        buffer.add_episode("reach-v3", episode["goal"], episode["states"][1:], episode["actions"])
+        buffer.add_episode(as_episode("reach-v3", episode, episode["states"][1:]))
 
 
 @pytest.mark.parametrize("make, field", [
@@ -319,12 +329,12 @@ def test_ring_overwrites_the_oldest_transitions():
     (lambda: RelabelConfig(reward="shaped"), "reward"),
     (lambda: RelabelConfig(goal_relabels=0), "goal_relabels"),
     (lambda: RelabelConfig(task_relabels=1.5), "task_relabels"),
-    (lambda: ReplayBuffer(["reach-v3"], 0), "capacity"),
-    (lambda: ReplayBuffer(["reach-v3"], 10, demo_fraction=1.5), "demo_fraction"),
-    (lambda: ReplayBuffer(["reach-v2"], 10), "reach-v2"),
+    (lambda: ReplayBuffer(mw("reach-v3"), 0), "capacity"),
+    (lambda: ReplayBuffer(mw("reach-v3"), 10, demo_fraction=1.5), "demo_fraction"),
+    (lambda: ReplayBuffer(mw("reach-v2"), 10), "reach-v2"),
 ])
 def test_bad_configuration_is_one_clear_line(make, field):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises((ValueError, UserError)) as error:
         make()
     assert field in str(error.value) and "\n" not in str(error.value)
 
@@ -332,9 +342,9 @@ def test_bad_configuration_is_one_clear_line(make, field):
 def test_demo_files_without_states_or_of_other_tasks_are_refused(tmp_path):
     path = write_demo_file(tmp_path / "no_states.hdf5", lengths=(4,), state_dim=39, action_dim=4, tasks=["reach-v3"])
     with pytest.raises(UserError, match=r"no_states.hdf5: demo_0: no 'states'"):
-        ReplayBuffer(["reach-v3"], 10).load_demos(path)
+        ReplayBuffer(mw("reach-v3"), 10).load_demos(path)
     with pytest.raises(UserError, match=r"demo_0: task 'reach-v3' is not one of this buffer's tasks"):
-        ReplayBuffer(["push-v3"], 10).load_demos(path)
+        ReplayBuffer(mw("push-v3"), 10).load_demos(path)
 
 
 def test_scene_groups_share_their_physics():

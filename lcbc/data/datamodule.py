@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from lcbc.data.augment import WindowAugmentation
 from lcbc.data.dataset import DemoDataset, keep_batch, split_demos
 from lcbc.errors import UserError
 
@@ -19,43 +20,59 @@ class DemoDataModule(L.LightningDataModule):
         obs_keys: observation keys to load (None: all of them).
         history, action_chunk: window sizes; `lcbc fit` links them to the policy's config.
         goal, goal_max_distance: hindsight goal relabeling (none, future, segment_end, final).
-        train_paraphrases: how many of a Meta-World task's paraphrases training samples from.
-        relabel_state_goals: share of training windows of Meta-World reach, push and pick-place whose
-            goal is replaced by a position the demo reaches later (see DemoDataset).
-        shuffle_ignored_objects: give Meta-World reach's training windows the puck of another demo.
-        shift_state_xy: move hand, puck and goal of reach, push and pick-place windows together by up to
-            this many metres in x and y.
+        benchmark: the benchmark whose paraphrases of each task's instruction training may sample
+            (a `--benchmark` name, looked up in lcbc.benchmark's registry).
+        train_paraphrases: how many of a task's paraphrases training samples from.
         shift_images: move each training window's images by up to this many pixels (random shift).
+        augmentation: a WindowAugmentation applied to training windows (a class path and its init_args
+            in the config, e.g. a benchmark's own).
+        image_size: resize every camera to this many pixels square (needed for cameras of different
+            sizes or non-square ones).
         instruction: instruction for files that carry none (e.g. robomimic files).
         val_fraction: share of episodes held out when a file has no mask/train and mask/valid.
     """
 
     def __init__(self, paths: list[str] | str, weights: list[float] | None = None,
                  obs_keys: list[str] | None = None, history: int = 1, action_chunk: int = 1,
-                 goal: str = "none", goal_max_distance: int | None = None, train_paraphrases: int = 0,
-                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0, shift_images: int = 0,
-                 instruction: str | None = None, val_fraction: float = 0.05, batch_size: int = 256,
-                 num_workers: int = 0, cache_images: bool = False, seed: int = 0):
+                 goal: str = "none", goal_max_distance: int | None = None, benchmark: str | None = None,
+                 train_paraphrases: int = 0, shift_images: int = 0, augmentation: WindowAugmentation | None = None,
+                 image_size: int | None = None, instruction: str | None = None, val_fraction: float = 0.05,
+                 batch_size: int = 256, num_workers: int = 0, cache_images: bool = False, seed: int = 0):
         super().__init__()
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         if weights is not None and len(weights) != len(self.paths):
             raise UserError(f"data.weights has {len(weights)} entries for {len(self.paths)} files")
-        self.save_hyperparameters()
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"data.{name}: {value!r} is not an integer of at least {least}")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise UserError(f"data.image_size: {image_size!r} is not a positive number of pixels")
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"data.val_fraction: {val_fraction!r} is not in [0, 1)")
+        self.augmentation = augmentation
+        self.save_hyperparameters(ignore=["augmentation"])  # the config keeps it; checkpoints hold plain data
         self.train_set: DemoDataset | None = None
         self.valid_set: DemoDataset | None = None
+
+    def _paraphrases(self) -> dict[str, list[str]]:
+        if not self.hparams.benchmark or not self.hparams.train_paraphrases:
+            return {}
+        from lcbc.benchmark import load_benchmark
+
+        benchmark = load_benchmark(self.hparams.benchmark)
+        return {task: list(benchmark.instructions(task)[1:]) for task in benchmark.tasks}
 
     def _dataset(self, demos, train_paraphrases: int, augment: bool, vocabulary: DemoDataset | None) -> DemoDataset:
         hp = self.hparams
         return DemoDataset(self.paths, demos=demos, obs_keys=hp.obs_keys, history=hp.history,
                            action_chunk=hp.action_chunk, goal=hp.goal, goal_max_distance=hp.goal_max_distance,
                            instruction=hp.instruction, train_paraphrases=train_paraphrases,
+                           paraphrases=self._paraphrases() if train_paraphrases else None,
                            cache_images=hp.cache_images, tasks=vocabulary and vocabulary.tasks,
-                           instructions=vocabulary and vocabulary.instructions,
-                           relabel_state_goals=hp.relabel_state_goals if augment else 0.0,
-                           shuffle_ignored_objects=hp.shuffle_ignored_objects and augment,
-                           shift_state_xy=hp.shift_state_xy if augment else 0.0,
-                           shift_images=hp.shift_images if augment else 0)
+                           instructions=vocabulary and vocabulary.instructions, image_size=hp.image_size,
+                           shift_images=hp.shift_images if augment else 0,
+                           augmentation=self.augmentation if augment else None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -6,19 +6,10 @@ an action chunk of `action_chunk` steps starting at g (padded at the end with `a
 the task id, an instruction id, and optionally a goal: the observation at a later step of the same
 demo (hindsight relabeling), so every intermediate state serves as a goal.
 
-Meta-World states carry their goal in the last 3 numbers. For tasks whose goal is a free point that
-success measures one thing's distance to (ACHIEVED_GOAL_IN_STATE: reach's fingertips, push's and
-pick-place's object), `relabel_state_goals` replaces it in a share of the training windows by where
-that thing is at a later step of the same demo: the actions up to there lead to it, so a few demos
-teach many goals instead of their own few. For reach this also corrects the expert, which drives the
-hand, not the fingertips 4.5 cm below it, onto the goal and so succeeds with half a centimetre to spare.
-`shuffle_ignored_objects` gives every training window of a task whose expert ignores an object the state
-shows (IGNORED_OBJECTS_IN_STATE: reach's puck) that object as another demo of the task had it, so the
-policy cannot tell demos apart by it and has to read the goal. `shift_state_xy` moves hand, puck and goal
-of the windows of tasks in SHIFT_AXES together by up to that many metres across the table: their experts act
-on relative positions, so the policy learns to as well. `shift_images` moves each window's images by up to
-that many pixels (random shift, Yarats et al. 2021): a few demos' frames then cover more than their
-exact pixel positions.
+`shift_images` moves each window's images by up to that many pixels (random shift, Yarats et al. 2021):
+a few demos' frames then cover more than their exact pixel positions. `augmentation` (a
+lcbc.data.augment.WindowAugmentation, e.g. a benchmark's own) changes the windows after that. Images of
+other sizes than `image_size` (cameras of different sizes, non-square ones) are resized to it as read.
 
 Low-dimensional arrays of all demos are read into memory once and concatenated; images stay on disk
 and are read lazily, one contiguous slice per demo per batch, unless `cache_images` is set. A batch
@@ -34,14 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lcbc.data.augment import WindowAugmentation, shift_images
 from lcbc.data.hdf5 import demo_instruction, masks, open_demo_file, validate
-from lcbc.envs.metaworld import (
-    ACHIEVED_GOAL_IN_STATE,
-    IGNORED_OBJECTS_IN_STATE,
-    move_positions_xy,
-    replace_ignored_objects,
-    shift_axes,
-)
 from lcbc.errors import UserError
 
 GOAL_MODES = ("none", "future", "segment_end", "final")
@@ -88,24 +73,23 @@ class DemoDataset(torch.utils.data.Dataset):
                  instruction: str | None = None, train_paraphrases: int = 0,
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
                  tasks: list[str] | None = None, instructions: list[str] | None = None,
-                 relabel_state_goals: float = 0.0, shuffle_ignored_objects: bool = False,
-                 shift_state_xy: float = 0.0, shift_images: int = 0):
+                 paraphrases: dict[str, list[str]] | None = None, shift_images: int = 0,
+                 augmentation: WindowAugmentation | None = None, image_size: int | None = None):
         """`demos` come from `split_demos` (which validates the files); without them every demo of the
         validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
-        training split (which extends the validation vocabulary) agree on ids."""
+        training split (which extends the validation vocabulary) agree on ids. `paraphrases`: task name ->
+        its paraphrases, of which training samples the first `train_paraphrases` beside each demo's own."""
         self.paths = [str(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
         if history < 1 or action_chunk < 1:
             raise UserError(f"history ({history}) and action_chunk ({action_chunk}) must be at least 1")
         if goal not in GOAL_MODES:
             raise UserError(f"goal: {goal!r} is not one of {', '.join(GOAL_MODES)}")
-        if not 0 <= relabel_state_goals <= 1:
-            raise UserError(f"relabel_state_goals must be a share in [0, 1], got {relabel_state_goals}")
-        if shift_state_xy < 0:
-            raise UserError(f"shift_state_xy must be >= 0 metres, got {shift_state_xy}")
         if shift_images < 0:
             raise UserError(f"shift_images must be >= 0 pixels, got {shift_images}")
-        self.relabel_state_goals, self.shuffle_ignored_objects = relabel_state_goals, shuffle_ignored_objects
-        self.shift_state_xy, self.shift_images = shift_state_xy, shift_images
+        if image_size is not None and image_size < 1:
+            raise UserError(f"image_size must be at least 1 pixel, got {image_size}")
+        self.shift_images, self.augmentation, self.image_size = shift_images, augmentation, image_size
+        self.paraphrases = paraphrases or {}
         self.history, self.action_chunk = history, action_chunk
         self.goal, self.goal_max_distance = goal, goal_max_distance
         self.train_paraphrases, self.cache_images = train_paraphrases, cache_images
@@ -134,8 +118,6 @@ class DemoDataset(torch.utils.data.Dataset):
 
     def _load(self, obs_keys: list[str] | None, fallback_instruction: str | None, clip: float | None) -> None:
         """Read every low-dimensional array once, and the layout of the image arrays."""
-        from lcbc.envs.instructions import INSTRUCTIONS
-
         low_dim: dict[str, list[np.ndarray]] = {}
         actions, lengths, tasks, instructions = [], [], [], []
         self.image_shapes: dict[str, tuple] = {}
@@ -155,7 +137,7 @@ class DemoDataset(torch.utils.data.Dataset):
                                             f"(has {', '.join(sorted(group['obs'].keys()))})")
                         dataset = group["obs"][key]
                         if dataset.dtype == np.uint8:
-                            self.image_shapes[key] = dataset.shape[1:]
+                            self.image_shapes[key] = self._check_image_shape(path, name, key, dataset.shape[1:])
                         else:
                             low_dim.setdefault(key, []).append(dataset[()].astype(np.float32))
                     actions.append(group["actions"][()].astype(np.float32))
@@ -177,18 +159,13 @@ class DemoDataset(torch.utils.data.Dataset):
         self.tasks += sorted(set(tasks) - set(self.tasks))
         self.demo_task = np.array([self.tasks.index(task) for task in tasks])
         self.demo_instruction_text = instructions
-        achieved = [ACHIEVED_GOAL_IN_STATE.get(task, (-1, (0.0, 0.0, 0.0))) for task in tasks]
-        self.demo_goal_source = np.array([start for start, _ in achieved])
-        self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
-        self.demo_shift_axes = shift_axes(tasks)
-        self.tasks_ignoring_objects = [task for task in IGNORED_OBJECTS_IN_STATE if task in tasks]
-        # The instruction vocabulary: each demo's own instruction plus, for known Meta-World tasks,
-        # the first `train_paraphrases` paraphrases; held-out paraphrases never enter training.
+        # The instruction vocabulary: each demo's own instruction plus, for tasks with known paraphrases,
+        # the first `train_paraphrases` of them; held-out paraphrases never enter training.
         self.demo_instruction_choices: list[np.ndarray] = []
         for task, text in zip(tasks, instructions):
             choices = [text] if text is not None else []
-            if self.train_paraphrases and task in INSTRUCTIONS:
-                choices += list(INSTRUCTIONS[task][1: 1 + self.train_paraphrases])
+            if self.train_paraphrases and task in self.paraphrases:
+                choices += list(self.paraphrases[task][:self.train_paraphrases])
             ids = []
             for choice in choices:
                 if choice not in self.instructions:
@@ -198,6 +175,21 @@ class DemoDataset(torch.utils.data.Dataset):
         self.demo_instruction = np.array([choices[0] for choices in self.demo_instruction_choices])
         self._image_cache = {key: self._read_all_images(key) for key in self.image_shapes} if \
             self.cache_images else {}
+        if self.augmentation is not None:
+            self.augmentation.bind(self)
+
+    def _check_image_shape(self, path, demo: str, key: str, shape: tuple) -> tuple:
+        """The (H, W, C) shape images of `key` come out in: resized to `image_size` when set; otherwise every
+        camera must be square and of one size, which the image tokenizer needs."""
+        if self.image_size is not None:
+            return (self.image_size, self.image_size, shape[2])
+        others = {tuple(other[:2]) for other in self.image_shapes.values()} - {tuple(shape[:2])}
+        if shape[0] != shape[1] or others:
+            sizes = {**{k: v[:2] for k, v in self.image_shapes.items()}, key: shape[:2]}
+            raise UserError(f"{path}: {demo}: cameras must be square and of one size for the image tokenizer "
+                            f"({', '.join(f'{k} {h}x{w}' for k, (h, w) in sizes.items())}); set "
+                            "--data.image_size N to resize them all to N x N")
+        return tuple(shape)
 
     # ---- description used by the model -------------------------------------------------------
 
@@ -218,7 +210,8 @@ class DemoDataset(torch.utils.data.Dataset):
         for demo, text in zip(self.demos, self.demo_instruction_text):
             if text is None:
                 raise UserError(f"{self.paths[demo.file_index]}: {demo.name}: no instruction (no 'instruction' "
-                                "attribute, no LIBERO problem_info or file name); pass one for the file")
+                                "attribute, no LIBERO problem_info or file name); give one for the file with "
+                                "--data.instruction \"...\"")
 
     # ---- sampling -----------------------------------------------------------------------------
 
@@ -282,56 +275,10 @@ class DemoDataset(torch.utils.data.Dataset):
             batch["goal"] = self._gather_obs(windows["goal"])
         if self.shift_images:
             for key in self.image_shapes:
-                batch["obs"][key] = self._shift_images(batch["obs"][key])
-        if "state" in self.low_dim:  # Meta-World's state: the augmentations configured, in this order
-            if self.relabel_state_goals > 0:
-                self._relabel_state_goals(batch["obs"]["state"], steps)
-            if self.shuffle_ignored_objects:
-                self._shuffle_ignored_objects(batch["obs"]["state"], steps)
-            if self.shift_state_xy > 0:
-                self._shift_state_xy(batch["obs"]["state"], steps)
+                batch["obs"][key] = shift_images(batch["obs"][key], self.shift_images, self._generator())
+        if self.augmentation is not None:
+            self.augmentation(batch, steps, self._generator())
         return to_torch(batch)
-
-    def _relabel_state_goals(self, state: np.ndarray, steps: np.ndarray) -> None:
-        """Overwrite, in place, the goal of a `relabel_state_goals` share of the (B, H, D) windows whose
-        task is in ACHIEVED_GOAL_IN_STATE with the goal achieved at a later step of the demo."""
-        rng = self._generator()
-        demo = self.step_demo[steps]
-        source, last = self.demo_goal_source[demo], self.demo_end[demo] - 1
-        chosen = (source >= 0) & (steps < last) & (rng.random(len(steps)) < self.relabel_state_goals)
-        if not chosen.any():
-            return
-        steps, demo, source, last = steps[chosen], demo[chosen], source[chosen], last[chosen]
-        later = rng.integers(steps + 1, last, endpoint=True)
-        goals = self.low_dim["state"][later[:, None], source[:, None] + np.arange(3)] + self.demo_goal_offset[demo]
-        state[chosen, :, -3:] = goals[:, None, :]
-
-    def _shuffle_ignored_objects(self, state: np.ndarray, steps: np.ndarray) -> None:
-        """Overwrite, in place, the ignored objects of the (B, H, D) windows with those of a random step of
-        a random demo of the same task, in every frame (the object never moves: reach does not touch it)."""
-        rng = self._generator()
-        task = self.demo_task[self.step_demo[steps]]
-        for name in self.tasks_ignoring_objects:
-            task_index = self.tasks.index(name)
-            rows = np.flatnonzero(task == task_index)
-            if not len(rows):
-                continue
-            pool = np.flatnonzero(self.demo_task[self.step_demo] == task_index)
-            donors = pool[rng.integers(len(pool), size=len(rows))]
-            replace_ignored_objects(state, rows, name, self.low_dim["state"][donors])
-
-    def _shift_state_xy(self, state: np.ndarray, steps: np.ndarray) -> None:
-        """Move every position of the (B, H, D) windows by one uniform random offset per window along its
-        task's SHIFT_AXES, in place."""
-        move_positions_xy(state, self.demo_shift_axes[self.step_demo[steps]], self.shift_state_xy, self._generator())
-
-    def _shift_images(self, images: np.ndarray) -> np.ndarray:
-        """(B, H, h, w, C) windows, each moved by one random offset of up to `shift_images` pixels in x
-        and y, the same for all its frames; the border pixels fill the uncovered strip."""
-        pad, (height, width) = self.shift_images, images.shape[2:4]
-        padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-        offsets = self._generator().integers(0, 2 * pad, endpoint=True, size=(len(images), 2))
-        return np.stack([window[:, y:y + height, x:x + width] for window, (y, x) in zip(padded, offsets)])
 
     def __getitem__(self, index: int) -> dict:
         return unbatch(self.__getitems__([index]))
@@ -364,11 +311,21 @@ class DemoDataset(torch.utils.data.Dataset):
         for begin, end in zip([0, *breaks], [*breaks, len(unique)]):
             demo = int(demos[begin])
             low = int(unique[begin] - self.demo_start[demo])
-            frames[begin:end] = self._image_dataset(demo, key)[low:low + end - begin]
+            frames[begin:end] = self._resized(self._image_dataset(demo, key)[low:low + end - begin])
         return frames[inverse].reshape(*steps.shape, *self.image_shapes[key])
 
     def _read_all_images(self, key: str) -> np.ndarray:
-        return np.concatenate([self._image_dataset(demo, key)[()] for demo in range(len(self.demos))])
+        return np.concatenate([self._resized(self._image_dataset(demo, key)[()]) for demo in range(len(self.demos))])
+
+    def _resized(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 images at image_size x image_size (area averaging down, bilinear up)."""
+        size = self.image_size
+        if size is None or images.shape[1:3] == (size, size):
+            return images
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        mode = "area" if images.shape[1] >= size and images.shape[2] >= size else "bilinear"
+        resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode=mode)
+        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -81,10 +81,17 @@ def demo_instruction(file: h5py.File, demo: str, path, fallback: str | None = No
     """A demo's instruction: its own attribute, then the file's (LIBERO), then the user's fallback."""
     value = file["data"][demo].attrs.get("instruction")
     if value is not None:
+        if isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
+        if not isinstance(value, str | bytes | np.bytes_):
+            raise UserError(f"{path}: {demo}: attribute 'instruction' is not text (it holds "
+                            f"{type(value).__name__} {str(value)[:40]!r})")
         try:
-            return _decode(value)
-        except UnicodeDecodeError:
+            text = _decode(value)
+            text.encode("utf-8")  # h5py hands undecodable bytes back as surrogates
+        except UnicodeError:
             raise UserError(f"{path}: {demo}: attribute 'instruction' is not valid UTF-8") from None
+        return text
     return file_instruction(file, path) or fallback
 
 

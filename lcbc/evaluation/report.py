@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode
-
 
 def success_table(tasks: list[str], policy, expert=None) -> dict:
     """Per-task (and per-phrasing) success of the policy, with the expert's on the same goals."""
@@ -58,7 +56,7 @@ def bar_chart(table: dict, path: Path) -> None:
         ax.legend(loc="upper center", ncol=2, frameon=False)
     else:
         ax.bar(x, policy, 0.6)
-    ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=45, ha="right")
+    ax.set_xticks(x, tasks, rotation=45, ha="right")
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 118)  # room for the legend above the bars
     ax.set_yticks(range(0, 101, 20))
@@ -68,30 +66,32 @@ def bar_chart(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def record_video(actor, task: str, instruction: str, path: Path, seed: int, episode: int = 0,
-                 camera: str = "corner", size: int = 128) -> bool:
-    """One episode rendered from `camera` into a GIF; returns whether it succeeded."""
+def play_episode(actor, benchmark, task: str, instruction: str, split: str, episode: int = 0,
+                 video: Path | None = None, camera: str | None = None, size: int = 128) -> bool:
+    """One episode on the `episode`-th goal of `split`; with `video`, rendered from `camera` into a GIF.
+    Returns whether it succeeded."""
     import imageio.v2 as imageio
 
     from lcbc.evaluation.rollout import Job
 
-    env = MetaWorldEnv(task, camera=camera, image_size=size, seed=seed, episode=episode)
-    env.set_goal(goal_for_episode(task, seed, episode))
-    obs, _ = env.reset()
+    env = benchmark.make_env(task, camera=camera, image_size=size)
+    obs, _ = env.reset(options={"goal": benchmark.goal(task, split, episode)})
     actor.reset(np.ones(1, dtype=bool))
-    frames, success = [obs[f"{camera}_rgb"]], False
+    frames, success = [obs[f"{camera}_rgb"]] if video else [], False
     job = Job(task, instruction, episode)
     for _ in range(env.max_episode_steps):
         action = actor({key: value[None] for key, value in obs.items()}, [job])[0]
-        obs, _, _, truncated, info = env.step(action)
-        frames.append(obs[f"{camera}_rgb"])
-        if info["success"] or truncated:
+        obs, _, terminated, truncated, info = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        if video:
+            frames.append(obs[f"{camera}_rgb"])
+        if info["success"] or terminated or truncated:
             success = bool(info["success"])
             break
-    frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible
     env.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(path, frames[::2], duration=0.08, loop=0)
+    if video:
+        frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible
+        video.parent.mkdir(parents=True, exist_ok=True)
+        imageio.mimsave(video, frames[::2], duration=0.08, loop=0)
     return success
 
 

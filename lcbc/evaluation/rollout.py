@@ -1,9 +1,9 @@
-"""Roll policies out in Meta-World and measure success per task (and per phrasing).
+"""Roll policies out on a benchmark and measure success per task (and per phrasing).
 
 Many environments are stepped together with one batched policy call per step: every task gets
-`envs_per_task` environments, each runs its share of the evaluation goals one after another, and
-a finished environment takes the next goal of its task while the others keep going. Success is
-Meta-World's own `info["success"]` at any step; the horizon is Meta-World's `max_path_length`.
+`envs_per_task` environments, each runs its share of the split's goals one after another, and a
+finished environment takes the next goal of its task while the others keep going. Success is the
+environment's own `info["success"]` at any step; the horizon is its `max_episode_steps`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
-
-EVAL_SEED = 1  # training demonstrations come from seed 0's goals; evaluation uses another seed's
 
 
 @dataclass(frozen=True)
@@ -56,13 +51,14 @@ class PolicyActor:
         if mode == "onehot":
             ids = [self.policy.task_encoder.task_index(job.task) for job in jobs]
             return self.policy.act_batch(observations, task_ids=ids)
-        raise ValueError("goal-conditioned policies need goal observations; Meta-World rollouts give tasks")
+        raise ValueError("goal-conditioned policies need goal observations; benchmark rollouts give tasks")
 
 
 class ExpertActor:
-    """Meta-World's scripted expert for each environment's task: the reference beside every policy."""
+    """The benchmark's scripted expert for each environment's task: the reference beside every policy."""
 
-    def __init__(self):
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
         self.experts: dict[str, object] = {}
 
     def reset(self, done: np.ndarray) -> None:
@@ -70,23 +66,24 @@ class ExpertActor:
 
     def __call__(self, observations: dict, jobs: list[Job]) -> np.ndarray:
         actions = []
-        for state, job in zip(observations["state"], jobs):
+        for i, job in enumerate(jobs):
             if job.task not in self.experts:
-                self.experts[job.task] = scripted_expert(job.task)
-            actions.append(np.clip(self.experts[job.task].get_action(state), -1, 1))
+                self.experts[job.task] = self.benchmark.expert(job.task)
+            actions.append(self.experts[job.task]({key: value[i] for key, value in observations.items()}))
         return np.asarray(actions)
 
 
-def rollout(actor, tasks: list[str], episodes: int, instructions: dict[str, list[str]] | None = None,
-            seed: int = EVAL_SEED, envs_per_task: int = 10, camera: str | None = None, image_size: int = 64,
-            progress: bool = True) -> EvalResult:
-    """Run `episodes` goals of `seed` per task (and per phrasing when `instructions` is given);
-    `camera` renders images for pixel policies."""
+def rollout(actor, benchmark, episodes: int, instructions: dict[str, list[str]] | None = None,
+            split: str = "validation", envs_per_task: int = 10, camera: str | None = None, image_size: int = 64,
+            progress: bool = True, tasks: list[str] | None = None) -> EvalResult:
+    """Run the first `episodes` goals of `split` for each of the benchmark's tasks (or `tasks`), and each
+    phrasing when `instructions` is given; `camera` renders images for pixel policies."""
     warnings.filterwarnings("ignore", message="Constant")
-    phrasings = {task: (instructions or {}).get(task) or [canonical_instruction(task)] for task in tasks}
+    tasks = list(tasks or benchmark.tasks)
+    phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
     queues = {task: [Job(task, text, e) for text in phrasings[task] for e in range(episodes)] for task in tasks}
     total = sum(len(queue) for queue in queues.values())
-    slots = [(_borrow_env(task, camera, image_size, seed), task)
+    slots = [(_borrow_env(benchmark, task, camera, image_size), task)
              for task in tasks for _ in range(min(envs_per_task, len(queues[task])))]
     result = EvalResult()
     jobs: list[Job | None] = [None] * len(slots)
@@ -96,8 +93,8 @@ def rollout(actor, tasks: list[str], episodes: int, instructions: dict[str, list
         env, task = slots[i]
         jobs[i] = queues[task].pop(0) if queues[task] else None
         if jobs[i] is not None:
-            env.set_goal(goal_for_episode(task, seed, jobs[i].episode))
-            observations[i], _ = env.reset()
+            goal = benchmark.goal(task, split, jobs[i].episode)
+            observations[i], _ = env.reset(options={"goal": goal})
 
     for i in range(len(slots)):
         start_next(i)
@@ -111,14 +108,15 @@ def rollout(actor, tasks: list[str], episodes: int, instructions: dict[str, list
             # Every slot is in the batch (finished ones with their last observation) so the policy's
             # history rows stay aligned with the environments; only active slots are stepped.
             batch = {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
-            actions = actor(batch, [job or Job(task, canonical_instruction(task), -1)
+            actions = actor(batch, [job or Job(task, benchmark.canonical_instruction(task), -1)
                                     for job, (_, task) in zip(jobs, slots)])
             finished = np.zeros(len(slots), dtype=bool)
             for i, job in enumerate(jobs):
                 if job is None:
                     continue
                 env = slots[i][0]
-                observations[i], _, terminated, truncated, info = env.step(actions[i])
+                observations[i], _, terminated, truncated, info = env.step(
+                    np.clip(actions[i], env.action_space.low, env.action_space.high))
                 steps_taken[i] += 1
                 result.steps += 1
                 if info["success"] or terminated or truncated or steps_taken[i] >= env.max_episode_steps:
@@ -132,16 +130,16 @@ def rollout(actor, tasks: list[str], episodes: int, instructions: dict[str, list
                     start_next(i)
     result.seconds = time.perf_counter() - started
     for env, task in slots:
-        _IDLE_ENVS.setdefault((task, camera, image_size), []).append(env)
+        _IDLE_ENVS.setdefault((benchmark.name, task, camera, image_size), []).append(env)
     return result
 
 
-# Building a Meta-World environment parses its MuJoCo model (~0.3 s each, 100 for an MT10 evaluation);
-# rollouts in one process (the policy's, then the expert's on the same goals) reuse them. Every
-# episode sets its goal and resets, so nothing carries over between rollouts.
-_IDLE_ENVS: dict[tuple, list[MetaWorldEnv]] = {}
+# Building an environment can be slow (a Meta-World one parses its MuJoCo model: ~0.3 s each, 100 for an
+# MT10 evaluation); rollouts in one process (the policy's, then the expert's on the same goals) reuse
+# them. Every episode resets onto its goal, so nothing carries over between rollouts.
+_IDLE_ENVS: dict[tuple, list] = {}
 
 
-def _borrow_env(task: str, camera: str | None, image_size: int, seed: int) -> MetaWorldEnv:
-    idle = _IDLE_ENVS.get((task, camera, image_size))
-    return idle.pop() if idle else MetaWorldEnv(task, camera=camera, image_size=image_size, seed=seed)
+def _borrow_env(benchmark, task: str, camera: str | None, image_size: int):
+    idle = _IDLE_ENVS.get((benchmark.name, task, camera, image_size))
+    return idle.pop() if idle else benchmark.make_env(task, camera=camera, image_size=image_size)

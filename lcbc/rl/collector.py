@@ -1,23 +1,22 @@
-"""Online experience for RL fine-tuning: many Meta-World envs stepped together, one batched policy call.
+"""Online experience for RL fine-tuning: many of a benchmark's envs stepped together, one batched policy call.
 
 Every task starts with `envs_per_task` environments (slots). Each runs one episode after another (with
-`task_collection: failures` a slot's next episode may be another task's), every one on a new
-goal (`exploration_goal`: seed 0's, where the demonstrations came from, then seeds 2, 3, ...; never
-seed 1's, which evaluation uses), and a finished episode
-goes to the replay buffer as its simulator states and actions (the buffer recomputes observations and
-rewards from them). An episode ends at the first success (as evaluation episodes do), or after
-`max_episode_steps`, a time limit that is not terminal for the critics.
+`task_collection: failures` a slot's next episode may be another task's), every one on a new goal
+variation of the benchmark's train split (fresh goals each episode make acting on new goals the training
+data; cycling through the demonstrations' few goals would teach those only), and a finished episode goes
+to the replay buffer with its observations, successes and, where the environment gives them, simulator
+states (a benchmark's scorer recomputes rewards from them). An episode ends at the first success (as
+evaluation episodes do), or after `max_episode_steps`, a time limit that is not terminal for the critics.
 
 Exploration: the policy's decoded action plus Gaussian noise of `exploration_std`, clipped to the action
 space. Sampling the policy's own bin distribution would barely explore: behavior cloning of
 deterministic experts leaves it about one HL-Gauss label width wide, a hundredth of the action range.
 The noise is white (independent every step) or pink (power falling as 1/frequency, drawn for the whole
-episode; Eberhard et al. 2023): Meta-World's actions move the hand, so white noise averages out within a
-few steps and the hand ends where the policy would have taken it, while pink noise drifts it by
-centimetres over an episode, which spreads the positions that hindsight relabeling turns into goals.
-The noise's scale is `exploration_std` in every episode (`fixed`), or drawn for each episode uniformly
-between 0 and `exploration_std` (`uniform`), so that precise tasks also get quiet episodes (measured no
-better: docs/RESULTS.md, twelfth try).
+episode; Eberhard et al. 2023): where actions move the hand, white noise averages out within a few steps and
+the hand ends where the policy would have taken it, while pink noise drifts it over an episode, which
+spreads the positions that hindsight relabeling turns into goals. The noise's scale is
+`exploration_std` in every episode (`fixed`), or drawn for each episode uniformly between 0 and
+`exploration_std` (`uniform`), so that precise tasks also get quiet episodes.
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import GOALS_PER_SEED, MetaWorldEnv, goal_for_episode
-from lcbc.evaluation.rollout import EVAL_SEED, Job, PolicyActor
+from lcbc.evaluation.rollout import Job, PolicyActor
+from lcbc.rl.replay import Episode as StoredEpisode
 
-TRAIN_SEED = 0
 NOISE = ("white", "pink")
 NOISE_SCALE = ("fixed", "uniform")
 # Which task an environment runs next: always its own ("uniform": every task gets the same share of the
@@ -53,16 +50,6 @@ def pink_noise(rng: np.random.Generator, steps: int, dims: int) -> np.ndarray:
     return (noise / noise.std(axis=-1, keepdims=True).clip(1e-12)).T
 
 
-def exploration_goal(task: str, number: int):
-    """The goal of a task's `number`-th exploration episode. Cycling through the demonstrations' 50 goals
-    would teach the policy those 50 goals only (cloning from 50 goals already generalizes poorly to new
-    ones in reach, push and pick-place); fresh goals each episode make acting on new goals the training
-    data. Evaluation's goals stay unseen."""
-    if number < GOALS_PER_SEED:
-        return goal_for_episode(task, TRAIN_SEED, number)
-    return goal_for_episode(task, EVAL_SEED + 1, number - GOALS_PER_SEED)
-
-
 @dataclass
 class Episode:
     """One environment's episode in flight: its goal, the simulator states so far and the actions."""
@@ -70,15 +57,21 @@ class Episode:
     task: str
     number: int
     goal: object
-    noise: np.ndarray  # (max_episode_steps, 4) exploration noise in units of exploration_std, one row per step
+    noise: np.ndarray  # (max_episode_steps, A) exploration noise in units of exploration_std, one row per step
+    obs: list[np.ndarray] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
+    success: list[bool] = field(default_factory=list)
+
+    def stored(self) -> StoredEpisode:
+        return StoredEpisode(self.task, self.goal, np.array(self.obs), np.array(self.actions),
+                             np.array(self.success), np.array(self.states) if self.states else None)
 
 
 class Collector:
     """Runs exploration episodes for every task and writes the finished ones into a ReplayBuffer."""
 
-    def __init__(self, tasks: list[str], envs_per_task: int = 1, max_episode_steps: int = 500,
+    def __init__(self, benchmark, envs_per_task: int = 1, max_episode_steps: int = 500,
                  exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
                  seed: int = 0, recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
                  solved_task_weight: float = 0.25):
@@ -89,11 +82,13 @@ class Collector:
         if task_collection not in TASK_COLLECTION:
             raise ValueError(f"task_collection: {task_collection!r} is not one of {', '.join(TASK_COLLECTION)}")
         warnings.filterwarnings("ignore", message="Constant")
-        self.tasks = list(tasks)
+        self.benchmark = benchmark
+        self.tasks = list(benchmark.tasks)
         self.task_collection, self.solved_task_weight = task_collection, solved_task_weight
         # The environment each slot steps now; a slot that changes task parks its environment here for reuse.
-        self.envs = [MetaWorldEnv(task, seed=TRAIN_SEED) for task in tasks for _ in range(envs_per_task)]
-        self._parked: dict[str, list[MetaWorldEnv]] = {task: [] for task in self.tasks}
+        self.slot_tasks = [task for task in self.tasks for _ in range(envs_per_task)]
+        self.envs = [benchmark.make_env(task) for task in self.slot_tasks]
+        self._parked: dict[str, list] = {task: [] for task in self.tasks}
         self.max_episode_steps = min(max_episode_steps, self.envs[0].max_episode_steps)
         self.exploration_std = exploration_std
         self.exploration_noise, self.exploration_scale = exploration_noise, exploration_scale
@@ -110,28 +105,29 @@ class Collector:
         weights = self.task_weights()
         return self.tasks[self.rng.choice(len(self.tasks), p=weights / weights.sum())]
 
-    def _env_for(self, i: int, task: str) -> MetaWorldEnv:
+    def _env_for(self, i: int, task: str):
         """Slot i's environment for `task`: its own, a parked one, or a new one."""
-        env = self.envs[i]
-        if env.task != task:
-            self._parked[env.task].append(env)
+        if self.slot_tasks[i] != task:
+            self._parked[self.slot_tasks[i]].append(self.envs[i])
             parked = self._parked[task]
-            self.envs[i] = env = parked.pop() if parked else MetaWorldEnv(task, seed=TRAIN_SEED)
-        return env
+            self.envs[i] = parked.pop() if parked else self.benchmark.make_env(task)
+            self.slot_tasks[i] = task
+        return self.envs[i]
 
     def _start(self, i: int) -> None:
-        env = self._env_for(i, self._next_task(self.envs[i].task))
-        number = self.episodes_started[env.task]
-        self.episodes_started[env.task] += 1
-        goal = exploration_goal(env.task, number)
-        env.set_goal(goal)
-        self._observations[i], _ = env.reset()
+        task = self._next_task(self.slot_tasks[i])
+        env = self._env_for(i, task)
+        number = self.episodes_started[task]
+        self.episodes_started[task] += 1
+        goal = self.benchmark.goal(task, "train", number)
+        self._observations[i], _ = env.reset(options={"goal": goal})
         shape = (self.max_episode_steps, self.envs[i].action_space.shape[0])
         noise = (pink_noise(self.rng, *shape) if self.exploration_noise == "pink"
                  else self.rng.standard_normal(shape))
         if self.exploration_scale == "uniform":
             noise *= self.rng.uniform()
-        self._episodes[i] = Episode(env.task, number, goal, noise, [env.simulator_state()])
+        states = [env.simulator_state()] if hasattr(env, "simulator_state") else []
+        self._episodes[i] = Episode(task, number, goal, noise, [self._observations[i]["state"]], states)
 
     def step(self, actor: PolicyActor, replay) -> int:
         """One step of every environment with one batched policy call; finished episodes go to `replay`
@@ -142,16 +138,20 @@ class Collector:
         if fresh.any():
             actor.reset(fresh)
         batch = {key: np.stack([obs[key] for obs in self._observations]) for key in self._observations[0]}
-        jobs = [Job(e.task, canonical_instruction(e.task), e.number) for e in self._episodes]
+        jobs = [Job(e.task, self.benchmark.canonical_instruction(e.task), e.number) for e in self._episodes]
         actions = actor(batch, jobs)
         noise = np.stack([episode.noise[len(episode.actions)] for episode in self._episodes])
-        actions = np.clip(actions + self.exploration_std * noise, -1.0, 1.0)
+        space = self.envs[0].action_space
+        actions = np.clip(actions + self.exploration_std * noise, space.low, space.high)
         for i, (env, episode) in enumerate(zip(self.envs, self._episodes)):
             self._observations[i], _, terminated, truncated, info = env.step(actions[i])
-            episode.states.append(env.simulator_state())
+            if episode.states:
+                episode.states.append(env.simulator_state())
+            episode.obs.append(self._observations[i]["state"])
             episode.actions.append(actions[i])
+            episode.success.append(bool(info["success"]))
             if info["success"] or terminated or truncated or len(episode.actions) >= self.max_episode_steps:
-                replay.add_episode(episode.task, episode.goal, np.array(episode.states), np.array(episode.actions))
+                replay.add_episode(episode.stored())
                 self.recent_successes.append(bool(info["success"]))
                 self.task_successes[episode.task].append(bool(info["success"]))
                 self._episodes[i] = None

@@ -30,14 +30,11 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lcbc.envs.metaworld import ROBOT_STATE_DIM
 from lcbc.errors import UserError
-
-# The policy's low-dimensional keys, rebuilt from the stored 39-d Meta-World state the way MetaWorldEnv builds them.
-STATE_KEYS = {"state": lambda state: state, "robot_state": lambda state: state[..., :ROBOT_STATE_DIM]}
 
 
 @dataclass(frozen=True)
@@ -63,23 +60,26 @@ class IQLConfig:
 class CriticInputs:
     """Builds critic inputs with the policy's own pieces: its normalizer for the state, its frozen task
     encoder for the task vector, its action bounds to scale actions to [-1, 1]. The critics thus share the
-    policy's view of the world and need no statistics of their own."""
+    policy's view of the world and need no statistics of their own. `state_observation` (the benchmark's)
+    rebuilds the policy's low-dimensional keys from the flat (state_dim,) states the replay stores."""
 
-    def __init__(self, policy):
-        unsupported = [key for key in policy.config["low_dim_keys"] if key not in STATE_KEYS]
-        if policy.config["image_keys"] or unsupported:
-            raise UserError("fine-tuning needs a state-only Meta-World policy (observation keys "
-                            f"{', '.join(STATE_KEYS)}); this one reads "
+    def __init__(self, policy, state_observation, state_dim: int):
+        self.policy, self.state_observation = policy, state_observation
+        available = set(state_observation(np.zeros((1, state_dim))))
+        unsupported = [key for key in policy.config["low_dim_keys"] if key not in available]
+        if policy.config["image_keys"] or unsupported or not policy.config["low_dim_keys"]:
+            raise UserError("fine-tuning needs a state-only policy whose observation keys the benchmark rebuilds "
+                            f"from its states ({', '.join(sorted(available)) or 'state'}); this one reads "
                             f"{', '.join(policy.config['low_dim_keys'] + policy.config['image_keys'])}")
-        self.policy = policy
 
     def observation(self, state: Tensor) -> dict[str, Tensor]:
-        """The policy's observation dict from 39-d Meta-World states (..., 39)."""
-        return {key: STATE_KEYS[key](state) for key in self.policy.config["low_dim_keys"]}
+        """The policy's observation dict from flat states (..., D)."""
+        observation = self.state_observation(state)
+        return {key: observation[key] for key in self.policy.config["low_dim_keys"]}
 
     @torch.no_grad()
     def state(self, state: Tensor, task: dict[str, Tensor]) -> Tensor:
-        """(B, 39) states and the task inputs of `policy.task_vector` -> (B, state features + task dim)."""
+        """(B, D) states and the task inputs of `policy.task_vector` -> (B, state features + task dim)."""
         return torch.cat([self.policy.normalizer(self.observation(state)), self.policy.task_vector(task)], dim=-1)
 
     def action(self, action: Tensor) -> Tensor:

@@ -1,83 +1,48 @@
 """The multi-task replay buffer for RL fine-tuning, with reward, goal and task relabeling.
 
-The tasks form one MDP: each transition carries its task index, and its 39-d Meta-World state carries
-the goal in its last 3 dimensions. Demonstrations live in their own part, which the online ring never
-overwrites, and a batch mixes the two parts in a fixed proportion.
+The tasks form one MDP: each transition carries its task index, and its state (the environment's flat
+`state` observation) carries the goal where the benchmark's goal interface writes it. Demonstrations
+live in their own part, which the online ring never overwrites, and a batch mixes the two parts in a
+fixed proportion.
 
 Relabeling happens when an episode is added, so sampling stays an index gather. The relabeled
 transitions are stored beside the original ones, tagged with the task and goal they were relabeled to,
 zero rewards included: the critic learns from them what does not reach a goal.
 
-Rewards are never copied, always recomputed by the task's own Meta-World code. Each transition keeps
-the simulator state after its step; a cached env per task restores that state and calls the task's
-`evaluate_state`, exactly what `env.step` does after simulating. The reward is Meta-World's success
-(sparse: 1.0 or 0.0) or its shaped reward divided by its maximum, 10 (dense: 0-1 a step, 1 at success).
-
-Meta-World's reward functions also read attributes that `reset` computes once per episode from the goal
-variation (the random vector that places object and goal, called the scene here): obj_init_pos,
-init_tcp, init_left_pad, init_right_pad, window_handle_pos_init... Before an episode is scored, its
-task's env is set to the episode's goal variation and reset, which recomputes these exactly as they
-were when the episode ran (they depend on the variation only, not on the env's earlier episodes). A
-task relabel resets the other task's env on the same variation, so its attributes are the ones that
-task computes for this scene: drawer-close's obj_init_pos is the pulled-out handle, even for a
-drawer-open episode whose drawer starts closed. A goal relabel then replaces only `_target_pos`: the v2
-rewards (Meta-World's default, used here) of reach, push and pick-place read no other goal-dependent
-attribute; maxReachDist, maxPushDist and maxPlacingDist feed only the v1 rewards and stay as reset set
-them.
+Who computes observations, rewards and successes is the benchmark's business. A benchmark with a scorer
+(Meta-World's, for one) recomputes them from stored simulator states, for the
+episode's own task, other goals (hindsight) and the other tasks of its scene (task relabels). Without
+one, episodes are stored as observed, with goal relabels through the benchmark's goal interface
+(`achieved_goal`, `with_goal`, `goal_reached`) and no task relabels.
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 
 from lcbc.data.hdf5 import demo_instruction, open_demo_file, validate
-from lcbc.envs.instructions import INSTRUCTIONS
-from lcbc.envs.metaworld import (
-    ACHIEVED_GOAL_IN_STATE,
-    goal_for_episode,
-    restore_simulator_state,
-    simulator_state,
-    simulator_state_size,
-)
 from lcbc.errors import UserError
 
 REWARDS = ("sparse", "dense")
 GOAL_STRATEGIES = ("none", "future", "final", "episode")
 TASK_STRATEGIES = ("none", "all", "random", "high")
 
-# The tasks with free goals (ACHIEVED_GOAL_IN_STATE), and what the simulator measures of each exactly:
-# reach the fingertip centre (`tcp_center`, radius 0.05), push (0.05) and pick-place (0.07) the object.
-ACHIEVED_GOAL = {task: "hand" if start == 0 else "object" for task, (start, _) in ACHIEVED_GOAL_IN_STATE.items()}
-DENSE_REWARD_MAX = 10.0  # Meta-World v3's shaped rewards lie in [0, 10] and are 10 at success
-SUCCESS_RADIUS = 0.05  # the smallest of the three (reach and push; pick-place 0.07)
-
-# MT10 tasks that share a scene: the same physics (reach/push/pick-place XML files differ only in the
-# goal site's position and colour; drawer-open/close and window-open/close load the same file; a test
-# compares the compiled models) and a goal variation vector that means the same in each (object xyz and
-# goal xyz; drawer xyz; window xyz). A stored state is a valid state of every task of its scene.
-# door-open, button-press-topdown and peg-insert-side have scenes of their own.
-SCENES = (("reach-v3", "push-v3", "pick-place-v3"), ("drawer-open-v3", "drawer-close-v3"),
-          ("window-open-v3", "window-close-v3"))
-
 ONLINE, DEMO = 0, 1  # the `source` column
 ORIGINAL, GOAL_RELABEL, TASK_RELABEL = 0, 1, 2  # the `relabel` column
 SOURCES = {"online": ONLINE, "demo": DEMO}
-
-_TASK_OF_INSTRUCTION = {text: task for task, texts in INSTRUCTIONS.items() for text in texts}
 
 
 @dataclass(frozen=True)
 class RelabelConfig:
     """How rewards are defined and which relabeled transitions an episode adds.
 
-    goal_strategy picks, for each transition of a goal-carrying task (ACHIEVED_GOAL), `goal_relabels`
-    steps of the same episode whose achieved position becomes the new goal: 'future' a step at or after
-    it, 'episode' any step, 'final' the last step (one relabel: more copies would be identical).
-    task_strategy picks other tasks of the same scene (SCENES) to score the whole episode with: 'all',
-    'random' (`task_relabels` of them), 'high' (the `task_relabels` best whose return reaches
+    goal_strategy picks, for each transition of a task with a free goal (the benchmark's `goal_tasks`),
+    `goal_relabels` steps of the same episode whose achieved goal becomes the new goal: 'future' a step
+    at or after it, 'episode' any step, 'final' the last step (one relabel: more copies would be identical).
+    task_strategy picks other tasks of the same scene (the benchmark's `scene`) to score the whole episode
+    with: 'all', 'random' (`task_relabels` of them), 'high' (the `task_relabels` best whose return reaches
     `high_return`, in units of the reward: with sparse rewards 1.0 means at least one successful step;
     the steps of a success the episode starts with do not count, see `newly_reached`)."""
 
@@ -100,103 +65,56 @@ class RelabelConfig:
                 raise ValueError(f"RelabelConfig.{name}: {value!r} is not a positive integer")
 
 
-def scene_of(goal) -> np.ndarray:
-    """The goal variation's random vector (a metaworld Task's `rand_vec`), from which reset builds the scene."""
-    return np.asarray(pickle.loads(goal.data)["rand_vec"], dtype=np.float64)
+@dataclass
+class Episode:
+    """One finished episode as the collector saw it."""
 
-
-def goal_in_scene(task: str, scene: np.ndarray):
-    """A metaworld Task that makes `task` reset into `scene`, goal in the observation (as in MT benchmarks)."""
-    from metaworld import Task, env_dict
-
-    data = {"env_cls": env_dict.ALL_V3_ENVIRONMENTS[task], "rand_vec": scene, "partially_observable": False}
-    return Task(env_name=task, data=pickle.dumps(data))
-
-
-def same_scene(task: str) -> tuple[str, ...]:
-    return next((scene for scene in SCENES if task in scene), (task,))
+    task: str
+    goal: object  # the goal variation it ran on (the benchmark's `goal`), None when unknown
+    obs: np.ndarray  # (T+1, D) the flat `state` observation after reset and after each step
+    actions: np.ndarray  # (T, A) the actions the env received
+    success: np.ndarray  # (T,) info["success"] after each step
+    states: np.ndarray | None = None  # (T+1, S) simulator states, when the environment gives them
 
 
 @dataclass
 class Scores:
-    """One episode as one task's env sees it: T steps, T+1 states, k goals per step."""
+    """One episode as one task sees it: T steps, T+1 states, k goals per step."""
 
-    obs: np.ndarray  # (T+1, 39) the observation at each state, with the task's own goal
-    reward: np.ndarray  # (T, k) Meta-World's dense reward of each step, for each goal
+    obs: np.ndarray  # (T+1, D) the observation at each state, with the task's own goal
+    reward: np.ndarray  # (T, k) the benchmark's dense reward of each step in [0, 1], for each goal
     success: np.ndarray  # (T, k)
-    achieved: np.ndarray | None  # (T+1, 3) the achieved goal at each state, for ACHIEVED_GOAL tasks
-    target: np.ndarray  # (3,) the task's own goal in this scene
+    achieved: np.ndarray | None  # (T+1, G) the achieved goal at each state, for goal tasks
+    target: np.ndarray  # (G,) the task's own goal
 
 
-class Scorer:
-    """Scores stored simulator states under any task and goal, with one cached Meta-World env per task."""
+class ObservedScorer:
+    """The scorer of a benchmark that cannot score stored states: the episode as observed, and other goals
+    through the benchmark's goal interface. Its dense reward is the success."""
 
-    def __init__(self, tasks: list[str]):
-        from metaworld import env_dict
-
-        self.envs = {task: env_dict.ALL_V3_ENVIRONMENTS[task]() for task in tasks}
-        self._scene_key: dict[str, bytes] = {}
+    def __init__(self, benchmark, tasks: list[str]):
+        self.benchmark = benchmark
+        env = benchmark.make_env(tasks[0])
+        if "state" not in env.observation_space.spaces:
+            raise UserError(f"{benchmark.name}: fine-tuning needs a flat 'state' observation")
+        self.obs_dim = env.observation_space["state"].shape[0]
+        self.action_dim = env.action_space.shape[0]
+        env.close()
 
     def state_size(self, task: str) -> int:
-        return simulator_state_size(self.envs[task])
+        return 0
 
-    def _prepare(self, task: str, scene: np.ndarray):
-        """The task's env reset into `scene`; consecutive calls for one scene reuse the reset."""
-        env = self.envs[task]
-        if self._scene_key.get(task) != scene.tobytes():
-            env.set_task(goal_in_scene(task, scene))
-            env.reset()
-            self._scene_key[task] = scene.tobytes()
-        return env
+    def score(self, task: str, goal, episode: Episode, goals: np.ndarray | None = None) -> Scores:
+        benchmark, obs = self.benchmark, np.asarray(episode.obs, dtype=np.float64)
+        achieved = benchmark.achieved_goal(task, obs) if task in benchmark.goal_tasks else None
+        if goals is None:
+            success = np.asarray(episode.success, dtype=bool)[:, None]
+        else:
+            success = benchmark.goal_reached(task, achieved[1:, None], goals)
+        return Scores(obs, success.astype(np.float64), success, achieved, np.zeros(benchmark.goal_dim))
 
-    def score(self, task: str, scene: np.ndarray, states: np.ndarray, actions: np.ndarray,
-              goals: np.ndarray | None = None) -> Scores:
-        """Observations, rewards and successes of an episode under `task`: with its own goal, or with
-        `goals` (T, k, 3), k goals for each step.
-
-        Observations after a step are what env.step returns, bit for bit, except that the goal dimensions
-        are never clipped (see `with_goal`). The first one is computed from the reset state; the reset of
-        some tasks (drawer, window) ends on a physics step without mj_forward, so the hand position it
-        returned lags that state by one substep (about 1e-4)."""
-        env = self._prepare(task, scene)
-        target = env._target_pos.copy()
-        own_goal = goals is None
-        if own_goal:
-            goals = np.broadcast_to(target, (len(actions), 1, 3))
-        box = env.sawyer_observation_space
-        kind = ACHIEVED_GOAL.get(task)
-        obs = np.empty((len(states), box.shape[0]))
-        reward, success = np.empty(goals.shape[:2]), np.empty(goals.shape[:2], dtype=bool)
-        achieved = np.empty((len(states), 3)) if kind else None
-        for t, state in enumerate(states):
-            restore_simulator_state(env, state)
-            if t == 0:  # as after reset: no previous frame yet, so the current one stands in for it
-                env._prev_obs = env._get_curr_obs_combined_no_goal()
-            env._target_pos = target
-            obs[t] = with_goal(np.clip(env._get_obs(), box.low, box.high), target)  # clipped as by env.step
-            if kind:
-                achieved[t] = env.tcp_center if kind == "hand" else env._get_pos_objects()
-            if t == 0:
-                continue
-            for i, goal in enumerate(goals[t - 1]):
-                seen = obs[t]
-                if not own_goal:
-                    env._target_pos = goal
-                    seen = with_goal(obs[t], goal)
-                reward[t - 1, i], info = env.evaluate_state(seen, actions[t - 1])
-                success[t - 1, i] = info["success"] > 0.5
-        env._target_pos = target
-        return Scores(obs, reward, success, achieved, target)
-
-    def step(self, task: str, scene: np.ndarray, state: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """The simulator state after `action` from `state`. Demo files hold the states before each step, so
-        the one after the last step is simulated again, from a fresh reset (Meta-World refuses to step past
-        its step limit); the reset stays valid for scoring the same scene afterwards."""
-        self._scene_key.pop(task, None)
-        env = self._prepare(task, scene)
-        restore_simulator_state(env, state)
-        env.step(action)
-        return simulator_state(env)
+    def final_state(self, task: str, goal, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        return np.zeros((0,))
 
 
 def reaches_goal(success: np.ndarray) -> np.ndarray:
@@ -217,50 +135,38 @@ def newly_reached(success: np.ndarray) -> np.ndarray:
     return success & ~held_from_start(success)
 
 
-def with_goal(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    """Observations with their goal dimensions replaced. env.step clips them to the task's goal box, but
-    relabeled goals can lie outside it (hand positions for reach, push's goals at table height for reach
-    and pick-place), and a clipped goal would disagree with the reward computed for the real one."""
-    obs = np.array(obs)
-    obs[..., -3:] = goal
-    return obs
-
-
 class ReplayBuffer:
     """Transitions of all tasks: a ring of `capacity` online transitions and a demo part it never overwrites.
 
-    Columns: obs, next_obs (39-d, float32), action (4), reward, terminal (success for the transition's
+    Columns: obs, next_obs (float32 states), action, reward, terminal (success for the transition's
     task and goal: every step from the first success on, including a demo's steps past it; a time limit
-    is never terminal), task
-    (index into `tasks`), goal (the goal the reward was computed with, float64), sim_state (after the
-    step, padded with zeros to the largest task's size), episode, step, source (ONLINE, DEMO),
-    relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL) and reaches_goal (see `reaches_goal`).
+    is never terminal), task (index into `tasks`), goal (the goal the reward was computed with, float64),
+    sim_state (after the step, padded with zeros to the largest task's size; empty without a scorer),
+    episode, step, source (ONLINE, DEMO), relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL) and reaches_goal
+    (see `reaches_goal`).
     """
 
-    def __init__(self, tasks: list[str], capacity: int, relabel: RelabelConfig | None = None,
+    def __init__(self, benchmark, capacity: int, relabel: RelabelConfig | None = None,
                  demo_fraction: float = 0.25, seed: int = 0):
-        from metaworld import env_dict
-
-        unknown = [task for task in tasks if task not in env_dict.ALL_V3_ENVIRONMENTS]
-        if unknown:
-            raise ValueError(f"ReplayBuffer.tasks: unknown Meta-World task {unknown[0]!r}")
-        if not tasks:
-            raise ValueError("ReplayBuffer.tasks: no tasks")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"ReplayBuffer.capacity: {capacity!r} is not a positive integer")
         if not 0.0 <= demo_fraction <= 1.0:
             raise ValueError(f"ReplayBuffer.demo_fraction: {demo_fraction!r} is not between 0 and 1")
-        self.tasks = list(tasks)
+        self.benchmark = benchmark
+        self.tasks = list(benchmark.tasks)
         self.capacity = capacity
         self.config = relabel or RelabelConfig()
         self.demo_fraction = demo_fraction
         self.rng = np.random.default_rng(seed)
-        self.scorer = Scorer(self.tasks)
-        obs_dim = next(iter(self.scorer.envs.values())).sawyer_observation_space.shape[0]
+        self.scorer = benchmark.scorer(self.tasks) or ObservedScorer(benchmark, self.tasks)
+        if self.config.reward == "dense" and isinstance(self.scorer, ObservedScorer):
+            raise UserError(f"reward: dense needs a benchmark that scores states; {benchmark.name} has no scorer")
         sim_dim = max(self.scorer.state_size(task) for task in self.tasks)
+        obs_dim, action_dim = self.scorer.obs_dim, self.scorer.action_dim
         self.columns = {
-            "obs": ((obs_dim,), np.float32), "next_obs": ((obs_dim,), np.float32), "action": ((4,), np.float32),
-            "reward": ((), np.float32), "terminal": ((), bool), "task": ((), np.int64), "goal": ((3,), np.float64),
+            "obs": ((obs_dim,), np.float32), "next_obs": ((obs_dim,), np.float32),
+            "action": ((action_dim,), np.float32), "reward": ((), np.float32), "terminal": ((), bool),
+            "task": ((), np.int64), "goal": ((benchmark.goal_dim,), np.float64),
             "sim_state": ((sim_dim,), np.float64), "episode": ((), np.int64), "step": ((), np.int32),
             "source": ((), np.uint8), "relabel": ((), np.uint8), "reaches_goal": ((), bool),
         }
@@ -287,16 +193,11 @@ class ReplayBuffer:
 
     # ---- adding -------------------------------------------------------------------------------
 
-    def add_episode(self, task: str, goal, states: np.ndarray, actions: np.ndarray, source: str = "online") -> int:
-        """Store an episode and its relabels; returns its episode id.
-
-        goal: the metaworld Task (goal variation) the episode ran with, as `goal_for_episode` gives it.
-        states: (T+1, S) simulator states after reset and after each step (`MetaWorldEnv.simulator_state`).
-        actions: (T, 4) the actions the env received.
-        """
+    def add_episode(self, episode: Episode, source: str = "online") -> int:
+        """Store an episode and its relabels; returns its episode id."""
         if source not in SOURCES:
             raise ValueError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
-        rows = self._episode_rows(task, scene_of(goal), states, actions, SOURCES[source])
+        rows = self._episode_rows(episode, SOURCES[source])
         if source == "demo":
             self._append_demos(rows)
         else:
@@ -304,32 +205,47 @@ class ReplayBuffer:
         return int(rows["episode"][0])
 
     def load_demos(self, path) -> int:
-        """Add every demo of an lcbc HDF5 file to the demo part; returns the transitions added (relabels
-        included). A demo needs `states` and the `task`, `seed` and `episode` attributes lcbc's collection
-        writes (they name its goal variation); its rewards are recomputed from the states."""
+        """Add every demo of an HDF5 file to the demo part; returns the transitions added (relabels
+        included). A demo needs its `obs/state`; with a scorer also its simulator `states` and the `task`,
+        `split` and `episode` attributes lcbc's collection writes (they name its goal variation), and its
+        rewards are recomputed. Without a scorer a demo counts as successful from its `rewards` (sparse,
+        as lcbc and robomimic write them) and its last observation after the last step is `next_obs/state`
+        (or, without one, the last `obs/state` again)."""
         with open_demo_file(path) as file:
-            parts = [self._demo_rows(file, name, path) for name in validate(file, path)]
+            parts = [self._episode_rows(self._demo_episode(file, name, path), DEMO)
+                     for name in validate(file, path)]
         rows = _concatenate(parts)
         self._append_demos(rows)
         return len(rows["action"])
 
-    def _demo_rows(self, file, name: str, path) -> dict[str, np.ndarray]:
+    def _demo_episode(self, file, name: str, path) -> Episode:
         group = file["data"][name]
         task = self._demo_task(file, name, path)
+        if "state" not in group["obs"]:
+            raise UserError(f"{path}: {name}: no 'obs/state' dataset (fine-tuning stores flat states)")
+        actions = group["actions"][()].astype(np.float64)
+        obs = group["obs/state"][()].astype(np.float64)
+        last = group["next_obs/state"][-1] if "next_obs/state" in group else obs[-1]
+        rewards = group["rewards"][()] if "rewards" in group else np.zeros(len(actions))
+        episode = Episode(task, None, np.vstack([obs, last]), actions, np.asarray(rewards) > 0.5)
+        if isinstance(self.scorer, ObservedScorer):
+            return episode
         if "states" not in group:
             raise UserError(f"{path}: {name}: no 'states' dataset (rewards are recomputed from simulator states)")
-        for key in ("seed", "episode"):
+        for key in ("split", "episode"):
             if key not in group.attrs:
-                raise UserError(f"{path}: {name}: no '{key}' attribute (it names the Meta-World goal variation "
-                                "the demo ran with)")
-        states, actions = group["states"][()].astype(np.float64), group["actions"][()].astype(np.float64)
+                raise UserError(f"{path}: {name}: no '{key}' attribute (it names the goal variation the demo ran "
+                                "with; collect the file again with lcbc collect)")
+        split = group.attrs["split"]
+        episode.goal = self.benchmark.goal(task, split.decode() if isinstance(split, bytes) else str(split),
+                                           int(group.attrs["episode"]))
+        states = group["states"][()].astype(np.float64)
         size = self.scorer.state_size(task)
-        if states.ndim != 2 or states.shape[1] != size or actions.shape[1] != 4:
+        if states.ndim != 2 or states.shape[1] != size or actions.shape[1] != self.scorer.action_dim:
             raise UserError(f"{path}: {name}: states has shape {states.shape} and actions {actions.shape}; "
-                            f"{task} needs (T, {size}) simulator states and (T, 4) actions")
-        scene = scene_of(goal_for_episode(task, int(group.attrs["seed"]), int(group.attrs["episode"])))
-        final = self.scorer.step(task, scene, states[-1], actions[-1])
-        return self._episode_rows(task, scene, np.vstack([states, final]), actions, DEMO)
+                            f"{task} needs (T, {size}) simulator states and (T, {self.scorer.action_dim}) actions")
+        episode.states = np.vstack([states, self.scorer.final_state(task, episode.goal, states, actions)])
+        return episode
 
     def _demo_task(self, file, name: str, path) -> str:
         """The demo's `task` attribute (lcbc writes it), else the task its instruction belongs to."""
@@ -338,28 +254,35 @@ class ReplayBuffer:
             task = value.decode() if isinstance(value, bytes) else str(value)
         else:
             text = demo_instruction(file, name, path)
-            task = _TASK_OF_INSTRUCTION.get(text)
+            task = next((task for task in self.tasks if text in self.benchmark.instructions(task)), None)
             if task is None:
-                raise UserError(f"{path}: {name}: no 'task' attribute, and instruction {text!r} is no Meta-World "
-                                "task's")
+                raise UserError(f"{path}: {name}: no 'task' attribute, and instruction {text!r} is none of "
+                                f"{self.benchmark.name}'s")
         if task not in self.tasks:
             raise UserError(f"{path}: {name}: task {task!r} is not one of this buffer's tasks "
                             f"({', '.join(self.tasks)})")
         return task
 
-    def _episode_rows(self, task: str, scene: np.ndarray, states, actions, source: int) -> dict[str, np.ndarray]:
+    def _episode_rows(self, episode: Episode, source: int) -> dict[str, np.ndarray]:
         """The episode's transitions, then its goal relabels, then its task relabels."""
+        task, benchmark = episode.task, self.benchmark
         if task not in self.tasks:
             raise ValueError(f"task: {task!r} is not one of this buffer's tasks ({', '.join(self.tasks)})")
-        states, actions = np.asarray(states, dtype=np.float64), np.asarray(actions, dtype=np.float64)
+        actions = episode.actions = np.asarray(episode.actions, dtype=np.float64)
         size = self.scorer.state_size(task)
-        if actions.ndim != 2 or actions.shape[1] != 4 or len(actions) < 1 or states.shape != (len(actions) + 1, size):
-            raise ValueError(f"episode of {task}: states has shape {states.shape} and actions {actions.shape}; "
-                             f"expected (T+1, {size}) and (T, 4) with T >= 1")
-        episode = self._episodes
+        if episode.states is not None:
+            episode.states = np.asarray(episode.states, dtype=np.float64)
+        states_ok = size == 0 or (episode.states is not None and episode.states.shape == (len(actions) + 1, size))
+        if (actions.ndim != 2 or actions.shape[1] != self.scorer.action_dim or len(actions) < 1
+                or np.shape(episode.obs)[0] != len(actions) + 1 or not states_ok):
+            raise ValueError(f"episode of {task}: obs has shape {np.shape(episode.obs)}, actions {actions.shape}, "
+                             f"states {None if episode.states is None else episode.states.shape}; expected "
+                             f"T+1, (T, {self.scorer.action_dim}) and (T+1, {size}) with T >= 1")
+        number = self._episodes
         self._episodes += 1
         padded = np.zeros((len(actions), self.columns["sim_state"][0][0]))
-        padded[:, :size] = states[1:]
+        if size:
+            padded[:, :size] = episode.states[1:]
 
         def rows(task_name, obs, next_obs, goal, scores: Scores, goal_index: int, kind: int,
                  reaches: np.ndarray) -> dict[str, np.ndarray]:
@@ -367,30 +290,31 @@ class ReplayBuffer:
             return {"obs": obs, "next_obs": next_obs, "action": actions, "reaches_goal": reaches,
                     "reward": self._reward(scores)[:, goal_index], "terminal": scores.success[:, goal_index],
                     "task": np.full(steps, self.tasks.index(task_name)),
-                    "goal": np.broadcast_to(goal, (steps, 3)), "sim_state": padded, "episode": np.full(steps, episode),
-                    "step": np.arange(steps), "source": np.full(steps, source), "relabel": np.full(steps, kind)}
+                    "goal": np.broadcast_to(goal, (steps, benchmark.goal_dim)), "sim_state": padded,
+                    "episode": np.full(steps, number), "step": np.arange(steps), "source": np.full(steps, source),
+                    "relabel": np.full(steps, kind)}
 
-        own = self.scorer.score(task, scene, states, actions)
+        own = self.scorer.score(task, episode.goal, episode)
         parts = [rows(task, own.obs[:-1], own.obs[1:], own.target, own, 0, ORIGINAL, reaches_goal(own.success[:, 0]))]
-        if self.config.goal_strategy != "none" and task in ACHIEVED_GOAL:
+        if self.config.goal_strategy != "none" and task in benchmark.goal_tasks:
             goal_steps = self._goal_steps(len(actions))
             goals = own.achieved[goal_steps + 1]  # achieved[t + 1]: after step t
-            relabeled = self.scorer.score(task, scene, states, actions, goals)
+            relabeled = self.scorer.score(task, episode.goal, episode, goals)
             # A relabeled goal is reached at its own step; one where the thing already stood at the start
             # asked for nothing, so imitating the way there teaches nothing either.
             ahead = goal_steps >= np.arange(len(actions))[:, None]
-            moved = np.linalg.norm(goals - own.achieved[0], axis=-1) > SUCCESS_RADIUS
+            moved = ~benchmark.goal_reached(task, own.achieved[0], goals)
             for i in range(goals.shape[1]):
                 goal = goals[:, i]
-                parts.append(rows(task, with_goal(own.obs[:-1], goal), with_goal(own.obs[1:], goal), goal,
-                                  relabeled, i, GOAL_RELABEL, ahead[:, i] & moved[:, i]))
-        for other, scores in self._task_relabels(task, scene, states, actions):
+                parts.append(rows(task, benchmark.with_goal(own.obs[:-1], goal), benchmark.with_goal(own.obs[1:], goal),
+                                  goal, relabeled, i, GOAL_RELABEL, ahead[:, i] & moved[:, i]))
+        for other, scores in self._task_relabels(episode):
             parts.append(rows(other, scores.obs[:-1], scores.obs[1:], scores.target, scores, 0, TASK_RELABEL,
                               reaches_goal(newly_reached(scores.success[:, 0]))))
         return _concatenate(parts)
 
     def _reward(self, scores: Scores) -> np.ndarray:
-        return scores.success.astype(np.float64) if self.config.reward == "sparse" else scores.reward / DENSE_REWARD_MAX
+        return scores.success.astype(np.float64) if self.config.reward == "sparse" else scores.reward
 
     def _goal_steps(self, length: int) -> np.ndarray:
         """(T, k): for each transition, the steps whose achieved goals become its new goals."""
@@ -400,15 +324,15 @@ class ReplayBuffer:
         low = np.arange(length)[:, None] if self.config.goal_strategy == "future" else 0
         return self.rng.integers(low, length, size=(length, k))
 
-    def _task_relabels(self, task: str, scene, states, actions) -> list[tuple[str, Scores]]:
+    def _task_relabels(self, episode: Episode) -> list[tuple[str, Scores]]:
         """The other tasks of the episode's scene that the strategy picks, with the episode scored under each."""
-        strategy, count = self.config.task_strategy, self.config.task_relabels
-        candidates = [other for other in same_scene(task) if other != task and other in self.tasks]
-        if strategy == "none" or not candidates:
+        strategy, count, task = self.config.task_strategy, self.config.task_relabels, episode.task
+        candidates = [other for other in self.benchmark.scene(task) if other != task and other in self.tasks]
+        if strategy == "none" or not candidates or isinstance(self.scorer, ObservedScorer):
             return []
         if strategy == "random":
             candidates = [candidates[i] for i in self.rng.permutation(len(candidates))[:count]]
-        scored = [(other, self.scorer.score(other, scene, states, actions)) for other in candidates]
+        scored = [(other, self.scorer.score(other, episode.goal, episode)) for other in candidates]
         if strategy == "high":
             # A task that holds from the first state (window-close on a window-open episode) would score every
             # step until the episode undoes it: the most "successful" relabel, of actions that did nothing for it.
@@ -458,7 +382,8 @@ class ReplayBuffer:
         online_rows = self._draw(self._online["task"][:self.online_size], batch_size - demos, task_weights)
         batch = {key: np.concatenate([self._demos[key][demo_rows], self._online[key][online_rows]])
                  for key in self.columns if key != "sim_state"}
-        windows = [_windows(self._demos, demo_rows, history), _windows(self._online, online_rows, history)]
+        windows = [_windows(self._demos, demo_rows, history, self.benchmark.with_goal),
+                   _windows(self._online, online_rows, history, self.benchmark.with_goal)]
         batch["obs_window"] = np.concatenate([frames for frames, _ in windows])
         batch["window_mask"] = np.concatenate([mask for _, mask in windows])
         return batch
@@ -502,7 +427,7 @@ class ReplayBuffer:
         self.rng.bit_generator.state = state["rng"]
 
 
-def _windows(part: dict[str, np.ndarray], rows: np.ndarray, history: int) -> tuple[np.ndarray, np.ndarray]:
+def _windows(part: dict[str, np.ndarray], rows: np.ndarray, history: int, with_goal) -> tuple[np.ndarray, np.ndarray]:
     """The last `history` observations up to each row. An episode and each of its relabeled copies are
     written as a contiguous run of steps, so the frame k steps back is k rows back (around the ring) as
     long as that row still holds the same episode's step - k. Goal relabels draw a goal per transition,

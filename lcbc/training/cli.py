@@ -15,6 +15,15 @@ from lcbc.errors import UserError
 from lcbc.training.bc import BehaviorCloning
 
 
+def config_error(config: str | None, error: Exception) -> UserError:
+    """One line for a config that cannot be instantiated: jsonargparse nests a class's own complaint (an
+    augmentation's bad init_args, say) under a union's listing; that complaint is the line worth showing."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line[2:] for line in lines if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    message = reasons[0] if reasons else lines[0] if lines else type(error).__name__
+    return UserError(f"{config}: {message}" if config else message)
+
+
 class RunFolderCLI(LightningCLI):
     """A LightningCLI whose run lives in one folder, trainer.default_root_dir: checkpoints/ (set up by the
     config's `checkpoint:` section), and tensorboard/ and csv/ logs unless the config names loggers. A run
@@ -33,6 +42,17 @@ class RunFolderCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+    def after_fit(self) -> None:
+        """`checkpoints/last.ckpt` holds the end of every fit, also of runs shorter than the checkpoint
+        interval, so `lcbc export .../last.ckpt` and `--ckpt_path last` always find it."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or not callback.dirpath or self.trainer.interrupted:
+            return
+        last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        if not last.is_file() or callback._last_global_step_saved != self.trainer.global_step:
+            self.trainer.save_checkpoint(last)
+
+
 class LcbcCLI(RunFolderCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -49,3 +69,5 @@ def run_lightning_cli(argv: list[str]) -> LcbcCLI:
                        auto_configure_optimizers=False)
     except MisconfigurationException as error:  # Lightning's word on a config that cannot run
         raise UserError(str(error).splitlines()[0]) from None
+    except ValueError as error:  # a class in the config refused its arguments
+        raise config_error(None, error) from None

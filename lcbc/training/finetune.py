@@ -1,10 +1,11 @@
 """Multi-task RL fine-tuning of an exported policy as a LightningModule: `lcbc finetune`.
 
 The policy's frozen task encoder turns each task's canonical instruction into the task vector, which
-makes the tasks one MDP. Every training step steps all environments once (lcbc.rl.collector, noisy
-policy actions on the training goals), then makes one IQL update (lcbc.rl.iql) on a replay batch that
-mixes demonstrations and online experience (lcbc.rl.replay). The run ends at the environment-step budget;
-the fine-tuned policy is exported in the format it came in.
+makes the tasks one MDP. The benchmark (`--benchmark`, any plug-in) gives the environments, the train
+split's goals, its goal interface and, where it has one, its scorer. Every training step steps all
+environments once (lcbc.rl.collector, noisy policy actions on the training goals), then makes one IQL
+update (lcbc.rl.iql) on a replay batch that mixes demonstrations and online experience (lcbc.rl.replay).
+The run ends at the environment-step budget; the fine-tuned policy is exported in the format it came in.
 
 Lightning gives logging, checkpoints and resume as in behavior cloning. A checkpoint holds the replay
 buffer and the collector's position, so a resumed run goes on at the saved environment step with the same
@@ -24,26 +25,16 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import (
-    GOAL_IGNORED_WHILE_OPEN,
-    IGNORED_OBJECTS_IN_STATE,
-    approaching_in_x,
-    benchmark_tasks,
-    move_positions_xy,
-    raise_hand_and_goal,
-    replace_ignored_goals,
-    replace_ignored_objects,
-    shift_axes,
-)
+from lcbc.benchmark import load_benchmark
+from lcbc.data.augment import ActorAugmentation
 from lcbc.errors import UserError
-from lcbc.evaluation.rollout import EVAL_SEED, PolicyActor, rollout
+from lcbc.evaluation.rollout import PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import DEMO, ORIGINAL, RelabelConfig, ReplayBuffer
-from lcbc.training.cli import RunFolderCLI
+from lcbc.training.cli import RunFolderCLI, config_error
 
 # What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
 # their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
@@ -79,10 +70,10 @@ class CollectionSteps:
 
 
 class FineTuning(L.LightningModule):
-    """IQL fine-tuning of an exported LanguagePolicy on Meta-World tasks. The YAML config
+    """IQL fine-tuning of an exported LanguagePolicy on a benchmark's tasks. The YAML config
     (configs/finetune_mt10.yaml) documents every argument."""
 
-    def __init__(self, policy: str, benchmark: str = "MT10", demos: list[str] | None = None,
+    def __init__(self, policy: str, benchmark: str, demos: list[str] | None = None,
                  total_env_steps: int = 200_000, envs_per_task: int = 2, updates_per_step: int = 1,
                  max_episode_steps: int = 200,
                  exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
@@ -92,12 +83,13 @@ class FineTuning(L.LightningModule):
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
-                 gradient_clip: float | None = 1.0, pcgrad: bool = False, shuffle_ignored_objects: bool = False,
-                 shuffle_ignored_goals: bool = False, shift_state_xy: float = 0.0, shift_state_z: float = 0.0,
-                 demo_goal_weights: dict[str, float] | None = None, policy_ema: float = 0.0, eval_every: int = 25_000,
-                 eval_episodes: int = 5, eval_envs_per_task: int = 1, seed: int = 0):
+                 gradient_clip: float | None = 1.0, pcgrad: bool = False,
+                 actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
+                 policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
+                 eval_envs_per_task: int = 1, seed: int = 0):
         super().__init__()
-        self.save_hyperparameters()
+        self.actor_augmentation = actor_augmentation
+        self.save_hyperparameters(ignore=["actor_augmentation"])  # the config keeps it; checkpoints hold plain data
         for name in ("total_env_steps", "envs_per_task", "updates_per_step", "max_episode_steps", "replay_capacity",
                      "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task"):
             value = self.hparams[name]
@@ -108,15 +100,12 @@ class FineTuning(L.LightningModule):
         for name, allowed in choices:
             if self.hparams[name] not in allowed:
                 raise UserError(f"model.{name}: {self.hparams[name]!r} is not one of {', '.join(allowed)}")
-        for name in ("shift_state_xy", "shift_state_z"):
-            if not self.hparams[name] >= 0:
-                raise UserError(f"model.{name}: {self.hparams[name]!r} is not a non-negative number of metres")
         if not 0.0 <= policy_ema < 1.0:
             raise UserError(f"model.policy_ema: {policy_ema!r} is not in [0, 1)")
-        meta_world_tasks = benchmark_tasks("MT50") if demo_goal_weights else []
-        for task, weight in (demo_goal_weights or {}).items():  # tasks the run does not train are ignored
-            if task not in meta_world_tasks:
-                raise UserError(f"model.demo_goal_weights: {task!r} is not a Meta-World task")
+        self.benchmark = load_benchmark(benchmark)
+        for task, weight in (demo_goal_weights or {}).items():
+            if task not in self.benchmark.tasks:
+                raise UserError(f"model.demo_goal_weights: {task!r} is not a task of {self.benchmark.name}")
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
                 raise UserError(f"model.demo_goal_weights: {task}: {weight!r} is not a non-negative number")
         if not solved_task_weight > 0:
@@ -137,7 +126,7 @@ class FineTuning(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.tasks = benchmark_tasks(hp.benchmark)
+        self.tasks = list(self.benchmark.tasks)
         self.policy = LanguagePolicy.from_pretrained(hp.policy)
         self.policy.task_encoder.requires_grad_(False)
         # The policy keeps the mode it was exported in (no dropout): its decoded actions are the ones
@@ -146,14 +135,13 @@ class FineTuning(L.LightningModule):
         # What evaluation and export see: the trained policy, or with `policy_ema` a running average of its
         # weights (the collector keeps acting with the trained one).
         self.averaged_policy = copy.deepcopy(self.policy).requires_grad_(False) if hp.policy_ema else None
-        self.inputs = CriticInputs(self.policy)
-        self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
         # What the policy's task encoder takes for each task: the cached embedding of its canonical
         # instruction (language) or its task id (onehot); `self.task_key` names that batch entry.
         mode = self.policy.config["task_mode"]
         if mode == "language":
             self.task_key = "instruction_vectors"
-            inputs = torch.stack([self.policy.task_encoder.instruction_vector(canonical_instruction(task))
+            encoder = self.policy.task_encoder
+            inputs = torch.stack([encoder.instruction_vector(self.benchmark.canonical_instruction(task))
                                   for task in self.tasks])
         elif mode == "onehot":
             self.task_key = "task_id"
@@ -163,8 +151,10 @@ class FineTuning(L.LightningModule):
         self.register_buffer("task_inputs", inputs, persistent=False)
         self.register_buffer("demo_goal_weight", torch.tensor([(hp.demo_goal_weights or {}).get(task, 1.0)
                                                                for task in self.tasks]), persistent=False)
-        self.replay = ReplayBuffer(self.tasks, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
-        self.collector = Collector(self.tasks, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
+        self.replay = ReplayBuffer(self.benchmark, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
+        self.inputs = CriticInputs(self.policy, self.benchmark.state_observation, self.replay.columns["obs"][0][0])
+        self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
+        self.collector = Collector(self.benchmark, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
                                    task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight)
         self.actor = PolicyActor(self.policy)
@@ -233,7 +223,8 @@ class FineTuning(L.LightningModule):
         weights = self.collector.task_weights() if hp.task_sampling != "rows" else None
         sample = self.replay.sample(hp.batch_size, history=self.policy.rt1_config.history, task_weights=weights,
                                     weigh_demos=hp.task_sampling == "failures")
-        self._augment_actor_windows(sample)
+        if self.actor_augmentation is not None:
+            self.actor_augmentation(sample["obs_window"], sample["task"], self.tasks, self.replay.rng)
         batch = {key: torch.as_tensor(value) for key, value in sample.items()}
         task = {self.task_key: self.task_inputs[batch["task"]]}
         state = self.inputs.state(batch["obs"], task)
@@ -265,31 +256,6 @@ class FineTuning(L.LightningModule):
         points between evaluations; the average follows its trend without the swings."""
         for averaged, trained in zip(self.averaged_policy.parameters(), self.policy.parameters()):
             averaged.lerp_(trained, 1.0 - self.hparams.policy_ema)
-
-    def _augment_actor_windows(self, sample: dict[str, np.ndarray]) -> None:
-        """The loader's state augmentations, on the windows the actor clones (the critics see the states as
-        stored): reach's ignored puck taken from another of the batch's reach rows, pick-place's goal while
-        the gripper is open (`shuffle_ignored_goals`) from another pick-place row, and hand, puck and goal
-        of the tasks in SHIFT_AXES moved together across the table (peg-insert-side's in x as well while it
-        approaches the peg, APPROACH_IN_X), and reach's hand and goal, and pick-place's while it holds the
-        puck, moved up together (`shift_state_z`), so that the few demos' positions cannot stand in for
-        reading the goal."""
-        hp, windows, rng = self.hparams, sample["obs_window"], self.replay.rng
-        replacements = [(IGNORED_OBJECTS_IN_STATE, replace_ignored_objects)] if hp.shuffle_ignored_objects else []
-        if hp.shuffle_ignored_goals:
-            replacements.append((GOAL_IGNORED_WHILE_OPEN, replace_ignored_goals))
-        for ignoring, replace in replacements:
-            for task in ignoring:
-                if task in self.tasks:
-                    rows = np.flatnonzero(sample["task"] == self.tasks.index(task))
-                    donors = rows[rng.integers(len(rows), size=len(rows))]
-                    replace(windows, rows, task, windows[donors, -1])
-        if hp.shift_state_xy > 0:
-            axes = shift_axes(self.tasks)[sample["task"]]
-            axes[:, 0] |= approaching_in_x(windows, self.tasks, sample["task"])
-            move_positions_xy(windows, axes, hp.shift_state_xy, rng)
-        if hp.shift_state_z > 0:
-            raise_hand_and_goal(windows, self.tasks, sample["task"], hp.shift_state_z, rng)
 
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
@@ -340,11 +306,11 @@ class FineTuning(L.LightningModule):
             "actions": actions, "action_mask": action_mask, **{key: value[rows] for key, value in task.items()}})
 
     def _evaluate(self) -> None:
-        """Success on evaluation goals (seed 1) with the decoded actions, no noise. A copy of the policy runs
-        it, so the collector's per-environment observation history stays intact."""
+        """Success on the validation goals with the decoded actions, no noise. A copy of the policy runs it,
+        so the collector's per-environment observation history stays intact."""
         hp = self.hparams
-        result = rollout(PolicyActor(copy.deepcopy(self.evaluated_policy)), self.tasks, hp.eval_episodes,
-                         seed=EVAL_SEED, envs_per_task=hp.eval_envs_per_task, progress=False)
+        result = rollout(PolicyActor(copy.deepcopy(self.evaluated_policy)), self.benchmark, hp.eval_episodes,
+                         split="validation", envs_per_task=hp.eval_envs_per_task, progress=False)
         rates = {f"eval/{task}": result.success_rate(task) for task in self.tasks}
         rates["eval/success"] = float(np.mean(list(rates.values())))
         rates["env_steps"] = float(self.env_steps)
@@ -399,15 +365,15 @@ def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = Non
         return FinetuneCLI(FineTuning, args=args, run=False, save_config_kwargs={"overwrite": True},
                            auto_configure_optimizers=False, trainer_defaults={"max_epochs": -1},
                            parser_kwargs={"exit_on_error": False})
-    except (ArgumentError, MisconfigurationException) as error:  # a config that cannot run
-        raise UserError(f"{config}: {str(error).splitlines()[0]}") from None
+    except (ArgumentError, MisconfigurationException, ValueError) as error:  # a config that cannot run
+        raise config_error(config, error) from None
 
 
 def run_finetune(config: str, policy: str, benchmark: str, out: str | None = None, resume: bool = False,
                  overrides: list[str] | None = None) -> Path:
     """Fine-tune, then export the policy to <run folder>/policy; `resume` continues from checkpoints/last.ckpt."""
     torch.set_num_threads(1)  # small batched forward passes and MLPs: one thread is fastest on few cores
-    benchmark_tasks(benchmark)  # a bad task name or policy folder fails before anything is built
+    load_benchmark(benchmark)  # a bad benchmark name or policy folder fails before anything is built
     LanguagePolicy.from_pretrained(policy)
     if not Path(config).is_file():
         raise UserError(f"{config}: no such config file")

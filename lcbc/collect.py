@@ -1,8 +1,11 @@
-"""Collect demonstrations from Meta-World's scripted experts into an HDF5 demonstration file.
+"""Collect demonstrations from a benchmark's scripted experts into an HDF5 demonstration file.
 
-Workers roll out the expert, one goal variation per episode, and send each successful episode to
-the parent, which is the only writer and flushes after every demo: a killed collection keeps every
-episode finished before the kill, and `resume=True` picks up where it stopped.
+Workers roll out the expert, one goal variation of the benchmark's train split per episode, and send
+each successful episode to the parent, which is the only writer and flushes after every demo: a killed
+collection keeps every episode finished before the kill, and `resume=True` picks up where it stopped.
+Each demo records its `task`, `split` and `episode` (which goal variation it ran on), its simulator
+`states` where the environment gives them, and sparse rewards (1 at the steps where the task holds),
+as robomimic writes them.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lcbc.benchmark import load_benchmark
 from lcbc.data.hdf5 import DemoWriter
-from lcbc.envs.instructions import canonical_instruction
-from lcbc.envs.metaworld import MetaWorldEnv, goal_for_episode, scripted_expert
+from lcbc.errors import UserError
 
-# Demos go on this many steps past the first success. Meta-World counts a reach within 5 cm as success,
-# so a demo cut there never shows the last 5 cm or holding still at the goal; with these steps a policy
-# cloned from 50 demos a task reaches unseen goals far more often (see docs/RESULTS.md).
+# Demos go on this many steps past the first success. Success radii let a demo cut at the first success
+# stop short of the goal (Meta-World counts a reach within 5 cm); with these steps the demos show finishing
+# and holding still, and a policy cloned from them reaches unseen goals far more often (docs/RESULTS.md).
 STEPS_AFTER_SUCCESS = 20
 
 
@@ -32,21 +35,24 @@ class CollectionReport:
     kept: dict[str, int] = field(default_factory=dict)
 
 
-def rollout_expert(env: MetaWorldEnv, expert, steps_after_success: int = STEPS_AFTER_SUCCESS) -> tuple[dict, bool]:
-    """One expert episode; stops `steps_after_success` steps after the first success (so the demo also
-    shows what the expert does once the task is done: hold, not wander off) or when Meta-World truncates."""
+def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUCCESS) -> tuple[dict, bool]:
+    """One expert episode on `goal`; stops `steps_after_success` steps after the first success (so the demo
+    also shows what the expert does once the task is done: hold, not wander off), when the environment ends
+    it, or at its `max_episode_steps`. Action labels are clipped to the action space."""
     low, high = env.action_space.low, env.action_space.high
-    obs, _ = env.reset()
+    obs, _ = env.reset(options={"goal": goal})
+    with_states = hasattr(env, "simulator_state")
     steps: dict[str, list] = {"actions": [], "rewards": [], "states": [], **{f"obs/{k}": [] for k in obs}}
     success, remaining = False, steps_after_success
-    while True:
-        action = np.clip(expert.get_action(obs["state"]), low, high)
-        steps["states"].append(env.simulator_state())
+    while len(steps["actions"]) < env.max_episode_steps:
+        action = np.clip(expert(obs), low, high)
+        if with_states:
+            steps["states"].append(env.simulator_state())
         for key, value in obs.items():
             steps[f"obs/{key}"].append(value)
         steps["actions"].append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
-        steps["rewards"].append(reward)
+        obs, _, terminated, truncated, info = env.step(action)
+        steps["rewards"].append(float(info["success"]))
         success = success or bool(info["success"])
         if success:
             if remaining == 0:
@@ -54,28 +60,30 @@ def rollout_expert(env: MetaWorldEnv, expert, steps_after_success: int = STEPS_A
             remaining -= 1
         if terminated or truncated:
             break
-    arrays = {key: np.asarray(values) for key, values in steps.items()}
-    for key in ("actions", "rewards", "states", "obs/state", "obs/robot_state"):
-        arrays[key] = arrays[key].astype(np.float32)
+    arrays = {key: np.asarray(values) for key, values in steps.items() if values}
+    for key, values in arrays.items():
+        if values.dtype != np.uint8:
+            arrays[key] = values.astype(np.float32)
     dones = np.zeros(len(arrays["actions"]), dtype=np.int64)
     dones[-1] = 1
     arrays["dones"] = dones
     return arrays, success
 
 
-def collect_task(task: str, episodes: int, seed: int, camera: str | None, image_size: int,
+def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | None, image_size: int,
                  steps_after_success: int, done_episodes: frozenset[int], emit: Callable) -> None:
-    """Roll out the expert on new goals of `task` until `episodes` successes; emit each kept one."""
+    """Roll out the expert on new training goals of `task` until `episodes` successes; emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
     try:
-        expert = scripted_expert(task)
-        env = MetaWorldEnv(task, camera=camera, image_size=image_size, seed=seed, episode=0)
+        benchmark = load_benchmark(benchmark_spec)
+        expert = benchmark.expert(task)
+        env = benchmark.make_env(task, camera=camera, image_size=image_size)
         kept, attempts, episode = len(done_episodes), 0, 0
         max_episode = 3 * episodes + 20
         while kept < episodes and episode < max_episode:
             if episode not in done_episodes:
-                env.set_goal(goal_for_episode(task, seed, episode))
-                arrays, success = rollout_expert(env, expert, steps_after_success)
+                arrays, success = rollout_expert(env, expert, benchmark.goal(task, "train", episode),
+                                                 steps_after_success)
                 attempts += 1
                 if success:
                     kept += 1
@@ -92,21 +100,26 @@ def _queue_worker(args) -> None:
     collect_task(*task_args, emit=queue.put)
 
 
-def collect(out: str, tasks: list[str], episodes_per_task: int, seed: int = 0, camera: str | None = None,
+def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str | None = None,
             image_size: int = 64, workers: int = 1, mode: str = "create",
-            steps_after_success: int = STEPS_AFTER_SUCCESS) -> CollectionReport:
-    """Collect `episodes_per_task` successful expert demos per task into `out`."""
-    env_args = {"env_name": "metaworld", "env_type": "metaworld",
-                "env_kwargs": {"tasks": tasks, "camera": camera, "image_size": image_size, "seed": seed,
-                                "steps_after_success": steps_after_success}}
+            steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None) -> CollectionReport:
+    """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into `out`."""
+    benchmark = load_benchmark(benchmark_spec)
+    tasks = list(tasks or benchmark.tasks)
+    missing = [task for task in tasks if benchmark.expert(task) is None]
+    if missing:
+        raise UserError(f"--benchmark {benchmark_spec}: no scripted expert for {missing[0]}")
+    env_args = {"env_name": benchmark.name, "env_type": "lcbc",
+                "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "camera": camera, "image_size": image_size,
+                               "steps_after_success": steps_after_success}}
     report = CollectionReport()
     with DemoWriter(out, env_args, mode=mode) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
-            if attrs.get("task") in done and int(attrs.get("seed", -1)) == seed:
+            if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
-        jobs = [(task, episodes_per_task, seed, camera, image_size, steps_after_success, frozenset(done[task]))
-                for task in tasks]
+        jobs = [(benchmark_spec, task, episodes_per_task, camera, image_size, steps_after_success,
+                 frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:
@@ -118,8 +131,8 @@ def collect(out: str, tasks: list[str], episodes_per_task: int, seed: int = 0, c
                     _, task, episode, arrays = message
                     obs = {key[4:]: value for key, value in arrays.items() if key.startswith("obs/")}
                     writer.add_demo(arrays["actions"], obs, arrays["rewards"], arrays["dones"],
-                                    states=arrays["states"], task=task, episode=episode, seed=seed,
-                                    instruction=canonical_instruction(task))
+                                    states=arrays.get("states"), task=task, split="train", episode=episode,
+                                    instruction=benchmark.canonical_instruction(task))
                     progress.advance(bar)
                 elif message[0] == "done":
                     _, task, attempts, kept = message
