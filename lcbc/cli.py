@@ -142,6 +142,10 @@ def cmd_eval(args) -> None:
                      envs_per_task=args.envs_per_task, progress=False) if has_expert else None
     table = success_table(tasks, result, expert)
     table["benchmark"], table["split"] = benchmark.name, args.split
+    if instructions and policy.config["task_mode"] == "language":  # what an unseen wording falls back on
+        table["nearest_training_instruction"] = {
+            text: dict(zip(("instruction", "cosine"), policy.task_encoder.nearest_instruction(text)))
+            for texts in instructions.values() for text in texts if text not in policy.config["instructions"]}
     out = Path(args.out)
     write_report(table, out)
     videos = []
@@ -153,6 +157,9 @@ def cmd_eval(args) -> None:
                          video_camera, size if camera else 128)
             videos.append(path)
     Console().print(markdown(table))
+    for text, nearest in table.get("nearest_training_instruction", {}).items():
+        print(f"unseen {text!r}: nearest training instruction {nearest['instruction']!r}, "
+              f"cosine {nearest['cosine']:.2f}")
     print(f"{benchmark.name}, {args.split} split; {table['steps_per_second']} env steps/s; "
           f"report in {out}/success.md, chart {out}/success.png")
     if videos:
@@ -181,10 +188,41 @@ def cmd_act(args) -> None:
     if args.video and video_camera is None:
         raise UserError(f"--video: {benchmark.name} renders no cameras")
     video = (Path(args.video) if args.video else Path(f"{args.task}.gif")) if video_camera else None
-    success = play_episode(PolicyActor(policy), benchmark, args.task, args.instruction, args.split, args.episode,
-                           video, video_camera, size if camera else 128)
-    print(f"{'succeeded' if success else 'failed'}: {args.instruction!r} in {args.task}"
+    asked, nearest = args.task, ""
+    if policy.config["task_mode"] == "language":
+        text, cosine = policy.task_encoder.nearest_instruction(args.instruction)
+        nearest = f" (nearest training instruction {text!r}, cosine {cosine:.2f})"
+        scene = benchmark.scene(args.task)
+        asked = next((task for words in (args.instruction, text) for task in scene
+                      if words in benchmark.instructions(task)), None)
+    success, record = play_episode(PolicyActor(policy), benchmark, args.task, args.instruction, args.split,
+                                   args.episode, video, video_camera, size if camera else 128)
+    reached = _reached_tasks(benchmark, args.task, success, record)
+    print(f"instruction {args.instruction!r} asks for {asked or 'no task of this scene'}{nearest}")
+    print(f"{args.task}'s scene, {len(record['actions'])} steps: reached {', '.join(reached) or 'no task'}'s goal"
           + (f"; video: {video}" if video else ""))
+    if asked is not None:
+        print("succeeded: the episode reached the task asked for" if asked in reached else
+              f"mismatch: asked for {asked}, " + (f"reached {', '.join(reached)} instead" if reached else
+                                                  "reached no task's goal"))
+
+
+def _reached_tasks(benchmark, task: str, success: bool, record: dict) -> list[str]:
+    """The scene's tasks whose goal an episode reached: its own by info["success"], the others' scored on its
+    stored simulator states where the benchmark has a scorer (a success it started with does not count)."""
+    import numpy as np
+
+    from lcbc.rl.replay import Episode, newly_reached
+
+    reached = [task] if success else []
+    others = [other for other in benchmark.scene(task) if other != task]
+    scorer = benchmark.scorer([task, *others]) if others and record["states"] else None
+    if scorer is None:
+        return reached
+    episode = Episode(task, record["goal"], np.array(record["obs"]), np.array(record["actions"]),
+                      np.array(record["success"]), np.array(record["states"]))
+    return reached + [other for other in others
+                      if newly_reached(scorer.score(other, record["goal"], episode).success[:, 0]).any()]
 
 
 def cmd_conflicts(args) -> None:
@@ -278,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("overrides", nargs="*", help="after --: config overrides in LightningCLI form, "
                           "e.g. -- --model.total_env_steps 100000")
     finetune.set_defaults(run=cmd_finetune)
+
+    for name, purpose in (("fit", "train a policy with Lightning: lcbc fit --config configs/X.yaml"),
+                          ("validate", "the validation loss of a checkpoint: lcbc validate --config ... --ckpt_path"),
+                          ("test", "the test loss of a checkpoint: lcbc test --config ... --ckpt_path")):
+        # Listed here for --help; main() hands these to LightningCLI, whose own --help lists their options.
+        commands.add_parser(name, help=purpose, add_help=False)
 
     from lcbc.serving.server import add_serve_parser
 

@@ -92,7 +92,8 @@ def test_a_users_benchmark_runs_through_every_stage(tmp_path, capsys):
     assert table["expert_mean"] == 1.0 and sum(row["episodes"] for row in table["tasks"].values()) == 6
     main(["act", "--policy", str(run / "policy"), "--benchmark", "pointmass", "--task", "reach-blue",
           "go to the blue corner"])
-    assert "'go to the blue corner' in reach-blue" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "'go to the blue corner' asks for reach-blue" in out and "reach-blue's scene" in out
     config = tmp_path / "finetune.yaml"
     config.write_text(f"""trainer: {{accelerator: cpu, enable_progress_bar: false, enable_model_summary: false}}
 model: {{demos: [{demos}], total_env_steps: 120, envs_per_task: 2, max_episode_steps: 20, learning_starts: 20,

@@ -32,6 +32,10 @@ def markdown(table: dict) -> str:
     for task, row in table["tasks"].items():
         cells = [task, f"{100 * row['success']:.1f}%"] + ([f"{100 * row['expert']:.1f}%"] if with_expert else [])
         lines.append("| " + " | ".join(cells) + " |")
+        if len(row["phrasings"]) > 1:  # each phrasing under its task, so a weak one cannot hide in the mean
+            for text, rate in row["phrasings"].items():
+                lines.append("| " + " | ".join([f"&nbsp;&nbsp;'{text}'", f"{100 * rate:.1f}%"]
+                                                + ([""] if with_expert else [])) + " |")
     mean = ["**mean**", f"**{100 * table['mean']:.1f}%**"]
     if with_expert:
         mean.append(f"**{100 * table['expert_mean']:.1f}%**")
@@ -56,6 +60,13 @@ def bar_chart(table: dict, path: Path) -> None:
         ax.legend(loc="upper center", ncol=2, frameon=False)
     else:
         ax.bar(x, policy, 0.6)
+    phrased = [(i, rate) for i, t in enumerate(tasks) if len(table["tasks"][t]["phrasings"]) > 1
+               for rate in table["tasks"][t]["phrasings"].values()]
+    if phrased:
+        offset = -0.2 if "expert_mean" in table else 0.0
+        ax.scatter([i + offset for i, _ in phrased], [100 * rate for _, rate in phrased], marker="_", s=200,
+                   color="black", label="each phrasing", zorder=3)
+        ax.legend(loc="upper center", ncol=3, frameon=False)
     ax.set_xticks(x, tasks, rotation=45, ha="right")
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 118)  # room for the legend above the bars
@@ -67,21 +78,31 @@ def bar_chart(table: dict, path: Path) -> None:
 
 
 def play_episode(actor, benchmark, task: str, instruction: str, split: str, episode: int = 0,
-                 video: Path | None = None, camera: str | None = None, size: int = 128) -> bool:
+                 video: Path | None = None, camera: str | None = None, size: int = 128) -> tuple[bool, dict]:
     """One episode on the `episode`-th goal of `split`; with `video`, rendered from `camera` into a GIF.
-    Returns whether it succeeded."""
+    Returns whether the scene's task succeeded, and what happened: goal, flat states, actions, successes
+    and, where the environment gives them, simulator states (for scoring the scene's other tasks)."""
     import imageio.v2 as imageio
 
     from lcbc.evaluation.rollout import Job
 
     env = benchmark.make_env(task, camera=camera, image_size=size)
-    obs, _ = env.reset(options={"goal": benchmark.goal(task, split, episode)})
+    goal = benchmark.goal(task, split, episode)
+    obs, _ = env.reset(options={"goal": goal})
     actor.reset(np.ones(1, dtype=bool))
+    with_states = hasattr(env, "simulator_state")
+    record = {"goal": goal, "obs": [obs.get("state")], "actions": [], "success": [],
+              "states": [env.simulator_state()] if with_states else []}
     frames, success = [obs[f"{camera}_rgb"]] if video else [], False
     job = Job(task, instruction, episode)
     for _ in range(env.max_episode_steps):
-        action = actor({key: value[None] for key, value in obs.items()}, [job])[0]
-        obs, _, terminated, truncated, info = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        action = np.clip(actor({key: value[None] for key, value in obs.items()}, [job])[0],
+                         env.action_space.low, env.action_space.high)
+        obs, _, terminated, truncated, info = env.step(action)
+        for key, value in (("obs", obs.get("state")), ("actions", action), ("success", bool(info["success"]))):
+            record[key].append(value)
+        if with_states:
+            record["states"].append(env.simulator_state())
         if video:
             frames.append(obs[f"{camera}_rgb"])
         if info["success"] or terminated or truncated:
@@ -92,7 +113,7 @@ def play_episode(actor, benchmark, task: str, instruction: str, split: str, epis
         frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible
         video.parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video, frames[::2], duration=0.08, loop=0)
-    return success
+    return success, record
 
 
 def write_report(table: dict, out_dir: Path) -> None:

@@ -8,7 +8,9 @@ with no pickle and no training code.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,22 @@ STD_FLOOR = 1e-2  # Meta-World pads unused object dimensions with constants: the
 
 
 NORMALIZATIONS = ("dimension", "key")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
 
 
 class Normalizer(nn.Module):
@@ -187,12 +205,14 @@ class LanguagePolicy(nn.Module):
                   task_ids: list[int] | None = None, goals: dict | None = None) -> np.ndarray:
         """One action per environment: observations {key: (N, ...)}, one instruction (or task id or
         goal) per environment -> (N, A). Keeps each environment's history until `reset`."""
+        mode = self.config["task_mode"]
+        if mode == "language" and instructions is None:
+            raise UserError("this policy is language-conditioned: give an instruction")
+        if mode == "language" and not all(isinstance(text, str) and text.strip() for text in instructions):
+            raise UserError("instruction: must not be empty")
         history = self._push_history(self._observation_tensors(observations))
         batch = {"obs": {k: v for k, v in history.items() if k != "mask"}, "obs_mask": history["mask"]}
-        mode = self.config["task_mode"]
         if mode == "language":
-            if instructions is None:
-                raise UserError("this policy is language-conditioned: give an instruction")
             batch["instruction_vectors"] = torch.stack([self.task_encoder.instruction_vector(text)
                                                         for text in instructions])
         elif mode == "onehot":
@@ -220,24 +240,53 @@ class LanguagePolicy(nn.Module):
     # ---- saving and loading -------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """model.safetensors, config.json, normalization.json and weights.sha256 (the weights' digest, in
+        sha256sum's format, which loading checks). Each file is written beside its name and renamed into
+        place, so a killed export never leaves a half-written file under the final name."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {key: value.contiguous() for key, value in self.state_dict().items()}
-        save_file(state, directory / "model.safetensors")
-        (directory / "config.json").write_text(json.dumps(self.config, indent=2))
-        (directory / "normalization.json").write_text(json.dumps(self.stats, indent=2))
+        weights = directory / "model.safetensors.partial"
+        save_file(state, weights)
+        weights.chmod(0o666 & ~_umask())  # as the other files: safetensors creates it private
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        weights.replace(directory / "model.safetensors")
+        for name, text in (("config.json", json.dumps(self.config, indent=2)),
+                           ("normalization.json", json.dumps(self.stats, indent=2)),
+                           ("weights.sha256", f"{digest}  model.safetensors\n")):
+            partial = directory / f"{name}.partial"
+            partial.write_text(text)
+            partial.replace(directory / name)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguagePolicy:
+        """Load an exported policy folder; anything damaged or inconsistent is one UserError naming the file."""
         directory = Path(directory)
         for name in ("config.json", "normalization.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise UserError(f"{directory}: not an exported policy (no {name})")
-        config = json.loads((directory / "config.json").read_text())
-        stats = json.loads((directory / "normalization.json").read_text())
-        policy = cls(config["rt1"], stats, config["low_dim_keys"], config["image_keys"], config["instructions"],
-                     config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"],
-                     config.get("normalization", "dimension"))
-        policy.load_state_dict(load_file(directory / "model.safetensors"))
+        weights = directory / "model.safetensors"
+        if (directory / "weights.sha256").is_file():
+            expected = (directory / "weights.sha256").read_text().split()[:1]
+            if expected != [hashlib.sha256(weights.read_bytes()).hexdigest()]:
+                raise UserError(f"{weights}: its SHA-256 is not the one weights.sha256 records (damaged or changed)")
+        config, stats = (_read_json(directory / name) for name in ("config.json", "normalization.json"))
+        try:
+            policy = cls(config["rt1"], stats, config["low_dim_keys"], config["image_keys"], config["instructions"],
+                         config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"],
+                         config.get("normalization", "dimension"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"{directory / 'config.json'}: not an lcbc policy config ({type(error).__name__}: "
+                            f"{error})") from None
+        try:
+            state = load_file(weights)
+        except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+            raise UserError(f"{weights}: unreadable safetensors file ({str(error).splitlines()[0]})") from None
+        try:
+            policy.load_state_dict(state)
+        except RuntimeError as error:
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise UserError(f"{directory}: config.json and normalization.json disagree with model.safetensors "
+                            f"({detail[:200]})") from None
         return policy.eval()

@@ -117,6 +117,13 @@ class TaskEncoder(nn.Module):
             self._lookup[instruction] = vector[0]
         return self._lookup[instruction]
 
+    def nearest_instruction(self, instruction: str) -> tuple[str, float]:
+        """The training instruction closest to `instruction` in the text model's space, and their cosine:
+        what a policy falls back on for wording it was never trained near."""
+        cosines = self.instruction_embeddings @ self.instruction_vector(instruction)
+        best = int(cosines.argmax())
+        return self.instructions[best], float(cosines[best])
+
     @functools.cached_property
     def _lookup(self) -> dict[str, torch.Tensor]:
         return {text: self.instruction_embeddings[i] for i, text in enumerate(self.instructions)}

@@ -54,6 +54,11 @@ class RunFolderCLI(LightningCLI):
 
 
 class LcbcCLI(RunFolderCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: lcbc makes no predictions over a data module."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         # The policy declares the windows it needs; the data builds them.
