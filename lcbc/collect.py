@@ -11,6 +11,9 @@ as robomimic writes them.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -95,9 +98,19 @@ def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | No
         emit(("error", task, traceback.format_exc()))
 
 
-def _queue_worker(args) -> None:
-    *task_args, queue = args
-    collect_task(*task_args, emit=queue.put)
+def _exit_with(parent: int) -> None:
+    """Ends this process within half a second of its parent's end (killed, say): no orphan keeps collecting,
+    holding the queues, their semaphores or the resource tracker."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker(jobs, results, parent: int) -> None:
+    """A worker process: collects the tasks it takes from `jobs` until it gets None."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    for job in iter(jobs.get, None):
+        collect_task(*job, emit=results.put)
 
 
 def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str | None = None,
@@ -113,7 +126,8 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str |
                 "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "camera": camera, "image_size": image_size,
                                "steps_after_success": steps_after_success}}
     report = CollectionReport()
-    with DemoWriter(out, env_args, mode=mode) as writer:
+    # A resumed file must hold the same observations, so the same camera and image size.
+    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
@@ -145,11 +159,19 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str |
                     collect_task(*job, emit=handle)
             else:
                 context = mp.get_context("spawn")
-                with context.Manager() as manager, context.Pool(workers) as pool:
-                    queue = manager.Queue()
-                    result = pool.map_async(_queue_worker, [(*job, queue) for job in jobs])
+                job_queue, results = context.Queue(), context.Queue()
+                for job in jobs + [None] * workers:
+                    job_queue.put(job)
+                processes = [context.Process(target=_worker, args=(job_queue, results, os.getpid()), daemon=True)
+                             for _ in range(min(workers, len(jobs)))]
+                for process in processes:
+                    process.start()
+                try:
                     while len(report.kept) < len(tasks):
-                        message = queue.get()
-                        handle(message)
-                    result.get()
+                        handle(results.get())
+                finally:
+                    for process in processes:
+                        if process.is_alive() and len(report.kept) < len(tasks):
+                            process.terminate()
+                        process.join()
     return report

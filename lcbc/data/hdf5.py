@@ -214,24 +214,40 @@ def summarize(path: str | os.PathLike) -> dict:
 
 
 class DemoWriter:
-    """Writes demos in the robomimic layout, flushing after each so a crash loses no finished demo."""
+    """Writes demos in the robomimic layout, flushing after each so a crash loses no finished demo.
 
-    def __init__(self, path: str | os.PathLike, env_args: dict, mode: str = "create"):
-        """mode: 'create' (fails if the file exists), 'overwrite', or 'append' (resume a collection)."""
+    A new file (or one replacing an old file) is written under `<name>.partial` beside its final name and
+    renamed into place once it holds its first demo: a kill before that leaves the old file, or none,
+    never an empty or half-made one under the final name."""
+
+    def __init__(self, path: str | os.PathLike, env_args: dict, mode: str = "create",
+                 same_setup: tuple[str, ...] = ()):
+        """mode: 'create' (fails if the file exists), 'overwrite', or 'append' (resume a collection; the
+        file's env_kwargs named in `same_setup` must equal env_args' own)."""
         self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
         if mode == "create" and self.path.exists():
             raise UserError(f"{self.path}: exists; pass --overwrite to replace it or --resume to extend it")
         if mode == "append" and self.path.exists():
+            with open_demo_file(self.path) as file:  # one clear line for a file that is not a demo file
+                validate(file, self.path)
+                stored = json.loads(_decode(file["data"].attrs.get("env_args", "{}"))).get("env_kwargs", {})
+            for key in same_setup:
+                if stored.get(key) != env_args["env_kwargs"].get(key):
+                    raise UserError(f"{self.path}: collected with {key} {stored.get(key)!r}, not "
+                                    f"{env_args['env_kwargs'].get(key)!r}; resume with the same options")
             self.file = h5py.File(self.path, "a")
             if INCOMPLETE in self.file["data"]:  # left by a killed collection
                 del self.file["data"][INCOMPLETE]
             self.next_index = 1 + max((int(m.group(1)) for name in self.file["data"]
                                        if (m := DEMO_PATTERN.match(name))), default=-1)
+            self.renamed = True
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = h5py.File(self.path, "w")
+            self.file = h5py.File(self.partial, "w")
             self.file.create_group("data")
             self.next_index = 0
+            self.renamed = False
         self.file["data"].attrs["env_args"] = json.dumps(env_args)
         self._update_total()
 
@@ -263,6 +279,9 @@ class DemoWriter:
         self.next_index += 1
         data.attrs["total"] = int(data.attrs["total"]) + len(actions)
         self.file.flush()
+        if not self.renamed:  # the first demo is in: the file takes its name (replacing an old one)
+            os.replace(self.partial, self.path)
+            self.renamed = True
         return name
 
     def write_masks(self, masks_by_name: dict[str, list[str]]) -> None:
@@ -273,7 +292,10 @@ class DemoWriter:
         self.file.flush()
 
     def close(self) -> None:
+        """A file that never got a demo is removed: the old file, if any, stays as it was."""
         self.file.close()
+        if not self.renamed:
+            self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> DemoWriter:
         return self

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lcbc.data.datamodule import DemoDataModule
 from lcbc.errors import UserError
 from lcbc.training.bc import BehaviorCloning
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final name, synced, then renamed into place: a kill mid-write leaves
+    the previous checkpoint whole, whatever filesystem TMPDIR is on (Lightning's own writer stages through a
+    temporary file there, and a move across filesystems is a copy). The partial file's name holds no "last",
+    so `--ckpt_path last` never picks it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.parent / f".checkpoint-{os.getpid()}.partial"
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def config_error(config: str | None, error: Exception) -> UserError:
@@ -39,6 +62,8 @@ class RunFolderCLI(LightningCLI):
         root = trainer.get("default_root_dir") or "."
         if trainer.get("logger") in (None, True):
             kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        if not trainer.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
