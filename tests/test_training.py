@@ -193,3 +193,17 @@ def test_pcgrad_with_trainer_clipping_is_one_clear_error(task_file, tmp_path, ca
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "gradient clipping" in error[0], error
+
+
+def test_progress_bar_names_the_step_budget_instead_of_an_endless_epoch_count():
+    from types import SimpleNamespace
+
+    from lcbc.training.cli import ProgressBar
+
+    bar = ProgressBar()
+    for trainer, expected in ((SimpleNamespace(max_steps=10000, max_epochs=-1, global_step=250), "step 250/10000"),
+                              (SimpleNamespace(max_steps=-1, max_epochs=-1, global_step=7), "Epoch 3"),
+                              (SimpleNamespace(max_steps=-1, max_epochs=5, global_step=7), "Epoch 3/4")):
+        bar._trainer = trainer
+        description = bar._get_train_description(3)
+        assert expected in description and "-2" not in description

