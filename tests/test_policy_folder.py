@@ -62,7 +62,8 @@ def test_a_damaged_policy_folder_is_one_line_and_exit_2(onehot_dir, tmp_path, ho
     damage(folder, how)
     before = {path.name: file_digest(path) for path in folder.iterdir()}
     for argv in (["act", "--policy", str(folder), "--task", "drawer-open-v3", "open the drawer"],
-                 ["eval", "--policy", str(folder), "--benchmark", "drawer-open-v3", "--episodes", "1"]):
+                 ["eval", "--policy", str(folder), "--benchmark", "drawer-open-v3", "--episodes", "1"],
+                 ["serve", "--policy", str(folder), "--port", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
