@@ -31,14 +31,14 @@ lint: install
 	$(VENV)/bin/ruff check lcbc tests benchmarks
 
 # The main job end to end: collect MT10 expert demonstrations (state), inspect them, train RT-1-tiny
-# conditioned on language, export it, evaluate it on new goals beside the scripted expert, and
+# conditioned on language, export it, evaluate it on validation goals beside the scripted expert, and
 # ask it to open the drawer. Each step resumes or is quick to redo.
 demo: install
-	$(LCBC) collect --benchmark MT10 --episodes-per-task 50 --obs state --out $(DATA)/mt10_state.hdf5 --resume
+	$(LCBC) collect --benchmark metaworld:MT10 --episodes-per-task 50 --obs state --out $(DATA)/mt10_state.hdf5 --resume
 	$(LCBC) inspect $(DATA)/mt10_state.hdf5
 	$(LCBC) fit --config configs/bc_mt10_state.yaml --ckpt_path last
 	$(LCBC) export $(RUN)/checkpoints/last.ckpt $(RUN)/policy
-	$(LCBC) eval --policy $(RUN)/policy --benchmark MT10 --episodes 50 --videos 1 --out $(RUN)/eval
+	$(LCBC) eval --policy $(RUN)/policy --benchmark metaworld:MT10 --episodes 50 --videos 1 --out $(RUN)/eval
 	$(LCBC) act --policy $(RUN)/policy --task drawer-open-v3 "pull the drawer open" --video $(RUN)/drawer-open.gif
 
 # Speed tables in docs/BENCHMARKS.md; needs `make demo`'s dataset and policy first.
