@@ -459,7 +459,8 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3,fly-v3", None, "'fly-v3' is neither a benchmark"),
     (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
     (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
-    (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful"),
+    (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful, ranked"),
+    (None, "reach-v3", "model: {ranked_samples: 0}", "model.ranked_samples: 0 is not a positive integer"),
     (None, "reach-v3", "model: {task_sampling: tasks}",
      "model.task_sampling: 'tasks' is not one of rows, failures, online_failures"),
     (None, "reach-v3", "model: {exploration_noise: red}", "model.exploration_noise: 'red' is not one of white, pink"),
@@ -491,3 +492,45 @@ def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, tra
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
+
+
+@pytest.mark.parametrize("imitate", ["ranked", "successful"])
+def test_the_critic_decides_what_the_ranked_actor_learns(imitate, trained_policy):  # noqa: F811
+    """Every stored action is a bad one and the critic values actions by their closeness to another: cloning
+    the replay moves the actor toward the stored action, the ranked update toward what the critic prefers."""
+    torch.manual_seed(0)
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate=imitate, beta=0.0, ranked_samples=16,
+                        exploration_std=0.3)
+    module.setup("fit")
+    module.manual_backward = lambda loss: loss.backward()
+    preferred, stored = torch.tensor([0.6, -0.6, 0.6, 0.0]), torch.tensor([-0.6, 0.6, -0.6, 0.0])
+    module.critics.q_values = lambda state, action, target=False: torch.stack(
+        [-(action - module.inputs.action(preferred[None])).square().sum(-1)] * 2)
+    history, rows = module.policy.rt1_config.history, 64
+    batch = {"obs_window": torch.randn(rows, history, 39), "window_mask": torch.ones(rows, history, dtype=torch.bool),
+             "action": stored.repeat(rows, 1), "reaches_goal": torch.ones(rows, dtype=torch.bool),
+             "task": torch.arange(rows) % 2, "source": torch.zeros(rows, dtype=torch.uint8),
+             "relabel": torch.zeros(rows, dtype=torch.uint8)}
+    task = {module.task_key: module.task_inputs[batch["task"]]}
+    state = torch.zeros(rows, sum(module.inputs.dims()) - 4)
+
+    def distance_to(action) -> float:
+        decoded = module.policy.predict({"obs": module.inputs.observation(batch["obs_window"]),
+                                         "obs_mask": batch["window_mask"], **task})[:, 0]
+        return (decoded - action).norm(dim=-1).mean().item()
+
+    before = distance_to(preferred), distance_to(stored)
+    optimizer = torch.optim.Adam(module._actor_parameters(), lr=1e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        step = dict(batch)
+        if imitate == "ranked":
+            step["action"], metrics = module._ranked_actions(batch, task, state)
+            assert metrics["actor/ranked_stored"] == 0.0 and metrics["actor/ranked_gain"] > 0
+        module._actor_backward(step, task, torch.zeros(rows))
+        optimizer.step()
+    after = distance_to(preferred), distance_to(stored)
+    if imitate == "ranked":
+        assert after[0] < 0.5 * before[0]
+    else:
+        assert after[1] < 0.5 * before[1] and after[0] > before[0]

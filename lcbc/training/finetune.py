@@ -38,8 +38,11 @@ from lcbc.training.cli import RunFolderCLI, config_error, quiet_lightning
 
 # What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
 # their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
-# hindsight relabels of failed episodes supply successes even on tasks the policy rarely solves.
-IMITATE = ("all", "successful")
+# hindsight relabels of failed episodes supply successes even on tasks the policy rarely solves (filtered
+# self-imitation); or, at every replay state, the action the critics rank highest among the stored one, the
+# policy's own and `ranked_samples` noisy variants of it ("ranked"): the critics, trained on every
+# transition and relabel, zero rewards included, decide what the actor learns.
+IMITATE = ("all", "successful", "ranked")
 # How a batch divides among the tasks: every stored transition equally likely ("rows": tasks with goal and
 # task relabels fill more of it), or each task in proportion to `solved_task_weight` plus the share of its
 # recent training episodes that failed ("failures": updates go where the policy still fails), or that for the
@@ -82,8 +85,8 @@ class FineTuning(L.LightningModule):
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
-                 critic_layers: int = 2, imitate: str = "all", actor_lr: float = 1e-4, critic_lr: float = 3e-4,
-                 gradient_clip: float | None = 1.0, pcgrad: bool = False,
+                 critic_layers: int = 2, imitate: str = "all", ranked_samples: int = 8, actor_lr: float = 1e-4,
+                 critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
                  policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
                  eval_envs_per_task: int = 1, seed: int = 0):
@@ -91,7 +94,7 @@ class FineTuning(L.LightningModule):
         self.actor_augmentation = actor_augmentation
         self.save_hyperparameters(ignore=["actor_augmentation"])  # the config keeps it; checkpoints hold plain data
         for name in ("total_env_steps", "envs_per_task", "updates_per_step", "max_episode_steps", "replay_capacity",
-                     "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task"):
+                     "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task", "ranked_samples"):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
@@ -239,6 +242,9 @@ class FineTuning(L.LightningModule):
         metrics.update({"advantage/mean": advantage.mean(), "advantage/std": advantage.std(),
                         "advantage/max": advantage.max()})
         if self.env_steps >= hp.actor_starts:
+            if hp.imitate == "ranked":
+                batch["action"], ranked = self._ranked_actions(batch, task, state)
+                metrics.update(ranked)
             metrics.update(self._actor_backward(batch, task, advantage))
         if hp.gradient_clip:
             for group in optimizer.param_groups:
@@ -257,10 +263,33 @@ class FineTuning(L.LightningModule):
         for averaged, trained in zip(self.averaged_policy.parameters(), self.policy.parameters()):
             averaged.lerp_(trained, 1.0 - self.hparams.policy_ema)
 
+    @torch.no_grad()
+    def _ranked_actions(self, batch: dict, task: dict, state: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """For each replay state, the action the target critics value highest (min of the twin Qs) among the
+        stored action, the policy's decoded action and `ranked_samples` of it with exploration noise (the
+        distribution the replay's online actions come from, so the critics have seen such actions)."""
+        policy_action = self.policy.predict({"obs": self.inputs.observation(batch["obs_window"]),
+                                             "obs_mask": batch["window_mask"], **task})[:, 0]
+        noise = torch.randn(len(policy_action), self.hparams.ranked_samples, policy_action.shape[-1])
+        low, high = self.policy.action_tokenizer.low, self.policy.action_tokenizer.high
+        candidates = torch.cat([batch["action"][:, None], policy_action[:, None],
+                                policy_action[:, None] + self.hparams.exploration_std * noise], dim=1)
+        candidates = torch.minimum(torch.maximum(candidates, low), high)
+        count = candidates.shape[1]
+        values = self.critics.q_values(state.repeat_interleave(count, 0),
+                                       self.inputs.action(candidates.flatten(0, 1)), target=True).min(0).values
+        values = values.view(-1, count)
+        best = values.argmax(1)
+        chosen = candidates[torch.arange(len(best)), best]
+        return chosen, {"actor/ranked_stored": (best == 0).float().mean(),
+                        "actor/ranked_policy": (best == 1).float().mean(),
+                        "actor/ranked_gain": (values.max(1).values - values[:, 0]).mean()}
+
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of the advantage-weighted log-likelihood of the replay's actions (PCGrad: per task);
-        with `imitate: successful`, of the transitions that reach their goal only; `demo_goal_weights` scales
-        the named tasks' demonstration rows that keep their own goal."""
+        """Gradients of the advantage-weighted log-likelihood of the batch's actions (PCGrad: per task): the
+        replay's, or under `imitate: ranked` the critics' choice; with `imitate: successful`, of the transitions
+        that reach their goal only; `demo_goal_weights` scales the named tasks' demonstration rows that keep
+        their own goal."""
         hp = self.hparams
         weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
         if hp.imitate == "successful":
