@@ -34,7 +34,7 @@ def markdown(table: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         if len(row["phrasings"]) > 1:  # each phrasing under its task, so a weak one cannot hide in the mean
             for text, rate in row["phrasings"].items():
-                lines.append("| " + " | ".join([f"&nbsp;&nbsp;'{text}'", f"{100 * rate:.1f}%"]
+                lines.append("| " + " | ".join([f"↳ '{text}'", f"{100 * rate:.1f}%"]
                                                 + ([""] if with_expert else [])) + " |")
     mean = ["**mean**", f"**{100 * table['mean']:.1f}%**"]
     if with_expert:
