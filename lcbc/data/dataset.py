@@ -46,6 +46,16 @@ def statistics(values: np.ndarray) -> dict[str, list[float]]:
             "max": values.max(0).tolist(), "q01": q01.tolist(), "q99": q99.tolist()}
 
 
+def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:
+    """(N, H, W, C) uint8 images at size x size (area averaging down, bilinear up); unchanged for None."""
+    if size is None or images.shape[1:3] == (size, size):
+        return images
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    mode = "area" if images.shape[1] >= size and images.shape[2] >= size else "bilinear"
+    resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode=mode)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def split_demos(paths: list[str], val_fraction: float, seed: int) -> tuple[list[DemoRef], list[DemoRef]]:
     """Episode-level split: a file's `mask/train` and `mask/valid` when present, else a seeded shuffle."""
     train, valid = [], []
@@ -318,14 +328,7 @@ class DemoDataset(torch.utils.data.Dataset):
         return np.concatenate([self._resized(self._image_dataset(demo, key)[()]) for demo in range(len(self.demos))])
 
     def _resized(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 images at image_size x image_size (area averaging down, bilinear up)."""
-        size = self.image_size
-        if size is None or images.shape[1:3] == (size, size):
-            return images
-        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-        mode = "area" if images.shape[1] >= size and images.shape[2] >= size else "bilinear"
-        resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode=mode)
-        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return resize_images(images, self.image_size)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -21,12 +21,15 @@ DEMO_PATTERN = re.compile(r"^demo_(\d+)$")
 
 
 def open_demo_file(path: str | os.PathLike) -> h5py.File:
-    """Open a demonstration file read-only, turning every way it can fail into one clear line."""
+    """Open a demonstration file read-only, turning every way it can fail into one clear line. A LeRobot
+    dataset folder opens as its HDF5 conversion, made once and cached."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected an HDF5 demonstration file")
+        from lcbc.data.lerobot import cached_hdf5
+
+        path = cached_hdf5(path)
     if not h5py.is_hdf5(path):
         raise UserError(f"{path}: not an HDF5 file")
     try:
@@ -260,7 +263,8 @@ class DemoWriter:
         return [dict(self.file["data"][name].attrs) for name in demo_names(self.file)]
 
     def add_demo(self, actions: np.ndarray, obs: dict[str, np.ndarray], rewards: np.ndarray,
-                 dones: np.ndarray, states: np.ndarray | None = None, **attrs) -> str:
+                 dones: np.ndarray, states: np.ndarray | None = None, next_obs: dict[str, np.ndarray] | None = None,
+                 **attrs) -> str:
         name = f"demo_{self.next_index}"
         group = self.file["data"].create_group(INCOMPLETE)
         group.create_dataset("actions", data=actions)
@@ -268,9 +272,10 @@ class DemoWriter:
         group.create_dataset("dones", data=dones)
         if states is not None:
             group.create_dataset("states", data=states)
-        for key, value in obs.items():
-            chunks = (1, *value.shape[1:]) if value.dtype == np.uint8 else None
-            group.create_dataset(f"obs/{key}", data=value, chunks=chunks)
+        for obs_group, arrays in (("obs", obs), ("next_obs", next_obs or {})):
+            for key, value in arrays.items():
+                chunks = (1, *value.shape[1:]) if value.dtype == np.uint8 else None
+                group.create_dataset(f"{obs_group}/{key}", data=value, chunks=chunks)
         group.attrs["num_samples"] = len(actions)
         for key, value in attrs.items():
             group.attrs[key] = value
