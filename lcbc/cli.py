@@ -69,6 +69,46 @@ def cmd_inspect(args) -> None:
     console.print(f"filter masks: {masks}")
 
 
+def _renames(pairs: list[str]) -> dict[str, str]:
+    renames = {}
+    for pair in pairs:
+        old, equals, new = pair.partition("=")
+        if not equals or not old or not new:
+            raise UserError(f"--rename: {pair!r} is not OLD=NEW")
+        renames[old] = new
+    return renames
+
+
+def cmd_convert(args) -> None:
+    from pathlib import Path
+
+    from lcbc.data.lerobot import hdf5_to_lerobot, lerobot_to_hdf5
+
+    source = Path(args.source)
+    keys = args.keys.split(",") if args.keys else None
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size must be at least 1 pixel, got {args.image_size}")
+    if source.is_dir():
+        only_out = [option for option, value in (("--images", args.images), ("--video-codec", args.video_codec),
+                                                 ("--fps", args.fps), ("--instruction", args.instruction)) if value]
+        if only_out:
+            raise UserError(f"{only_out[0]} applies to an HDF5 file -> LeRobot folder conversion")
+        report = lerobot_to_hdf5(source, args.destination, keys, _renames(args.rename), args.image_size,
+                                 args.overwrite)
+    elif source.is_file():
+        report = hdf5_to_lerobot(source, args.destination, keys, _renames(args.rename), args.images or "video",
+                                 args.image_size, args.fps, args.video_codec or "libsvtav1", args.instruction,
+                                 args.overwrite)
+    else:
+        raise UserError(f"{source}: no such file or folder")
+    print(f"{args.destination}: {report.episodes} episodes, {report.frames} frames in {report.seconds:.1f} s "
+          f"({report.frames / report.seconds:,.0f} frames/s)")
+    for old, new in report.names.items():
+        print(f"  {old} -> {new}")
+    if report.left_out:
+        print(f"left out (no default place; --rename KEY=NAME keeps one): {', '.join(report.left_out)}")
+
+
 def cmd_export(args) -> None:
     from lcbc.training.bc import export_checkpoint
 
@@ -267,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=cmd_inspect)
+
+    convert = commands.add_parser("convert", help="a LeRobot dataset folder to an HDF5 file, or an HDF5 file to a "
+                                  "LeRobot v3.0 folder")
+    convert.add_argument("source", help="a LeRobot dataset folder (v3.0 or v2.1) or an HDF5 demonstration file")
+    convert.add_argument("destination", help="the HDF5 file or LeRobot folder to write")
+    convert.add_argument("--keys", help="comma-separated source keys to convert (default: every one with a "
+                         "default place), e.g. action,observation.state,observation.images.top")
+    convert.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
+                         help="give a source key another destination name, e.g. image=obs/agentview_rgb")
+    convert.add_argument("--image-size", type=int, help="resize every camera to N x N pixels")
+    convert.add_argument("--images", choices=("video", "image"), help="HDF5 -> LeRobot: cameras as mp4 videos "
+                         "(default; lossy) or as PNG images in the parquet files (lossless)")
+    convert.add_argument("--video-codec", help="HDF5 -> LeRobot: PyAV encoder (default libsvtav1, LeRobot's)")
+    convert.add_argument("--fps", type=int, help="HDF5 -> LeRobot: frames per second (default: the file's "
+                         "env_args fps, else 30)")
+    convert.add_argument("--instruction", help="HDF5 -> LeRobot: the task for demos that carry no instruction")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.set_defaults(run=cmd_convert)
 
     export = commands.add_parser("export", help="write a checkpoint's policy as safetensors + JSON")
     export.add_argument("checkpoint")
