@@ -596,7 +596,8 @@ class _FolderWriter:
         shape = list(values.shape[1:]) if camera else [math.prod(values.shape[1:])]
         if name in self.features:
             if shape != self.features[name]["shape"]:
-                raise UserError(f"{where}: {name} has shape {shape}, the first demo's {self.features[name]['shape']}")
+                raise UserError(f"{where}: {name} has shape {shape}, the first demo's {self.features[name]['shape']} "
+                                "(a LeRobot feature has one shape; --keys can leave it out)")
             return
         if not camera:
             self.features[name] = {"dtype": str(values.dtype), "shape": shape, "names": None}
