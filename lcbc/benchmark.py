@@ -82,8 +82,11 @@ class Benchmark:
         return (task,)
 
     def scorer(self, tasks: list[str]):
-        """An object that rescoring needs (see lcbc.rl.replay.Scorer), or None: episodes are then stored
-        as observed, with goal relabels through the goal interface and no task relabels."""
+        """What rescores stored episodes, or None: episodes are then stored as observed, with goal relabels
+        through the goal interface and no task relabels. It has `obs_dim`, `action_dim`, `state_size(task)`,
+        `score(task, goal, episode, goals=None) -> lcbc.rl.replay.Scores` and `final_state(task, goal,
+        states, actions)` (the simulator state after a demo's last step); Meta-World's is
+        lcbc.benchmarks.metaworld.scorer.SimulatorScorer."""
         return None
 
     def canonical_instruction(self, task: str) -> str:

@@ -113,9 +113,6 @@ class ObservedScorer:
             success = benchmark.goal_reached(task, achieved[1:, None], goals)
         return Scores(obs, success.astype(np.float64), success, achieved, np.zeros(benchmark.goal_dim))
 
-    def final_state(self, task: str, goal, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        return np.zeros((0,))
-
 
 def reaches_goal(success: np.ndarray) -> np.ndarray:
     """(T,) success after each step -> (T,) whether the episode succeeds at that step or a later one: the
