@@ -15,6 +15,9 @@ from rich.table import Table
 from lcbc.errors import UserError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+# The smallest value each numeric option takes, checked for every subcommand that has it.
+SMALLEST = {"episodes_per_task": 1, "episodes": 1, "envs_per_task": 1, "workers": 1, "image_size": 1, "videos": 0,
+            "episode": 0, "steps_after_success": 0, "batches": 1, "batch_size": 1, "port": 0, "max_sessions": 1}
 BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
                   "(MT10, MT50 and Meta-World task names alone also work), or my_package.module:ARG")
 
@@ -23,10 +26,6 @@ def cmd_collect(args) -> None:
     from lcbc.benchmark import load_benchmark
     from lcbc.collect import collect
 
-    if args.steps_after_success < 0:
-        raise UserError(f"--steps-after-success must be >= 0, got {args.steps_after_success}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
     tasks = load_benchmark(args.benchmark).tasks
     camera = args.camera if args.obs in ("rgb", "both") else None
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
@@ -396,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
             run_lightning_cli(argv)
             return
         args = build_parser().parse_args(argv)
-        if getattr(args, "episodes_per_task", 1) < 1:
-            raise UserError("--episodes-per-task must be at least 1")
+        for name, least in SMALLEST.items():  # before anything is loaded or built
+            value = getattr(args, name, None)
+            if value is not None and value < least:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
         args.run(args)
     except UserError as error:
         print(f"lcbc: error: {error}", file=sys.stderr)

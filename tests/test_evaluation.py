@@ -155,3 +155,22 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for name in ("collect", "inspect", "fit", "validate", "test", "export", "eval", "act", "finetune", "serve"):
         assert f"    {name} " in out, name
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--policy", "p", "--benchmark", "reach-v3", "--episodes", "0"], "--episodes"),
+    (["eval", "--policy", "p", "--benchmark", "reach-v3", "--envs-per-task", "0"], "--envs-per-task"),
+    (["eval", "--policy", "p", "--benchmark", "reach-v3", "--videos", "-1"], "--videos"),
+    (["act", "--policy", "p", "--task", "reach-v3", "reach", "--episode", "-1"], "--episode"),
+    (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--image-size", "0"], "--image-size"),
+    (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--workers", "0"], "--workers"),
+    (["conflicts", "--policy", "p", "--data", "d.hdf5", "--batch-size", "0"], "--batch-size"),
+])
+def test_numeric_options_are_checked_before_anything_loads(argv, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, and "p" is no policy: the check must come first
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{flag} must be at least" in error[0], error
+    assert list(tmp_path.iterdir()) == []
