@@ -115,3 +115,22 @@ def test_a_checkpoint_write_that_dies_leaves_the_last_one_whole(tmp_path):
         io.save_checkpoint({"step": 2, "weights": torch.zeros(1000), "broken": Unpicklable()}, last)
     assert file_digest(last) == digest and os.listdir(last.parent) == ["last.ckpt"]
     assert torch.load(last, weights_only=True)["step"] == 1
+
+
+def test_resuming_from_a_truncated_checkpoint_is_one_line(demo_file, tmp_path, capsys):
+    """A last.ckpt cut short by an older writer, or by a full disk, stops a resume with one line."""
+    run = tmp_path / "run"
+    main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--data.paths", f"[{demo_file}]",
+          "--trainer.default_root_dir", str(run), "--trainer.max_steps", "3"])
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])
+    capsys.readouterr()
+    for argv in (["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--data.paths", f"[{demo_file}]",
+                  "--trainer.default_root_dir", str(run), "--ckpt_path", "last"],
+                 ["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--data.paths", f"[{demo_file}]",
+                  "--trainer.default_root_dir", str(tmp_path / "other"), "--ckpt_path", str(last)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lcbc: error:")]
+        assert len(errors) == 1 and "last.ckpt: truncated or not a checkpoint" in errors[0]

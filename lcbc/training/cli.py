@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -66,6 +67,13 @@ def quiet_lightning() -> None:
         lambda record: "litlogger" not in record.getMessage())
 
 
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint that cannot be resumed from (truncated, or not one at all) is one line, not a traceback
+    from deep in torch.load: torch writes checkpoints as zip archives, whose directory sits at the end."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: truncated or not a checkpoint; remove it to start afresh, or resume from another")
+
+
 def config_error(config: str | None, error: Exception) -> UserError:
     """One line for a config that cannot be instantiated: jsonargparse nests a class's own complaint (an
     augmentation's bad init_args, say) under a union's listing; that complaint is the line worth showing."""
@@ -95,6 +103,13 @@ class RunFolderCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+    def before_fit(self) -> None:
+        """`--ckpt_path last` resolves to the run folder's last.ckpt only now; a named checkpoint is checked
+        before the CLI is even built (run_lightning_cli), since LightningCLI reads its hyperparameters."""
+        callback = self.trainer.checkpoint_callback
+        if self._get(self.config, "ckpt_path") == "last" and callback is not None and callback.dirpath:
+            check_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+
     def after_fit(self) -> None:
         """`checkpoints/last.ckpt` holds the end of every fit, also of runs shorter than the checkpoint
         interval, so `lcbc export .../last.ckpt` and `--ckpt_path last` always find it."""
@@ -123,6 +138,11 @@ def run_lightning_cli(argv: list[str]) -> LcbcCLI:
     # From the console, LightningCLI reads sys.argv itself (DDP relaunches the same command line).
     args = None if argv == sys.argv[1:] else argv
     quiet_lightning()
+    for i, arg in enumerate(argv):
+        named = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else \
+            argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
+        if named not in (None, "last", "best", "hpc", "null"):
+            check_checkpoint(Path(named))
     try:
         return LcbcCLI(BehaviorCloning, DemoDataModule, args=args, save_config_kwargs={"overwrite": True},
                        auto_configure_optimizers=False)

@@ -34,7 +34,7 @@ from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
 from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import DEMO, ORIGINAL, RelabelConfig, ReplayBuffer
-from lcbc.training.cli import RunFolderCLI, config_error, quiet_lightning
+from lcbc.training.cli import RunFolderCLI, check_checkpoint, config_error, quiet_lightning
 
 # What the actor imitates: every replay transition, weighted by its advantage; or only those that reach
 # their goal (original or relabeled), still advantage-weighted: failures are never cloned, and the
@@ -412,6 +412,8 @@ def run_finetune(config: str, policy: str, benchmark: str, out: str | None = Non
     checkpoint = root / "checkpoints" / "last.ckpt"
     if resume and not checkpoint.is_file():
         raise UserError(f"{checkpoint}: no checkpoint to resume from")
+    if resume:
+        check_checkpoint(checkpoint)
     # Checkpoints hold tensors and plain data only, so they load without unpickling code.
     cli.trainer.fit(cli.model, ckpt_path=str(checkpoint) if resume else None, weights_only=True)
     cli.trainer.save_checkpoint(checkpoint, weights_only=False)  # the end state, for --resume with a larger budget
