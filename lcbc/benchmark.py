@@ -13,8 +13,8 @@ on a goal variation, `step` returns `info["success"]` (a bool), observations are
 `state` for state policies, `<camera>_rgb` uint8 images when made with a camera), and the attribute
 `max_episode_steps` is the horizon. `simulator_state()`, when present, is stored for replay scoring.
 
-Benchmarks are found by name: `metaworld:MT10` (a registered name, a colon, the name's own argument), or
-`MT10`, `MT50` and Meta-World task names for short, or `my_package.my_module:ARG` for a module that
+Benchmarks are found by name: `metaworld:MT10` or `libero:goal` (a registered name, a colon, the name's own
+argument), or `MT10`, `MT50` and Meta-World task names for short, or `my_package.my_module:ARG` for a module that
 defines `benchmark(arg) -> Benchmark`. `register_benchmark` adds a name from Python, and installed
 packages can add one through the `lcbc.benchmarks` entry-point group.
 """
@@ -99,7 +99,7 @@ class Benchmark:
 
 
 _REGISTRY: dict[str, Callable[[str], Benchmark]] = {}
-_BUILT_IN = {"metaworld": "lcbc.benchmarks.metaworld"}
+_BUILT_IN = {"metaworld": "lcbc.benchmarks.metaworld", "libero": "lcbc.benchmarks.libero"}
 DEFAULT = "metaworld"  # bare suites and task names (MT10, reach-v3) belong to it
 
 

@@ -1,0 +1,72 @@
+"""The LIBERO plug-in: `--benchmark libero:goal` (or spatial, object, 10, 90).
+
+Tasks are LIBERO's, named by their BDDL problem with hyphens (turn-on-the-stove); the canonical instruction is
+LIBERO's own sentence, paraphrases (paraphrases.json) follow it. Goal variations: train and validation are
+LIBERO's placement sampler under disjoint seeds, test is the 50 official initial states per task (env.py).
+LIBERO-Goal's ten tasks share one scene, so only the words tell them apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lcbc.benchmark import Benchmark
+from lcbc.benchmarks.libero.env import CAMERAS, MAX_EPISODE_STEPS, SUITES, LiberoEnv, scene_layout, split_goal, suite
+from lcbc.errors import UserError
+
+
+@functools.cache
+def paraphrases() -> dict[str, tuple[str, ...]]:
+    table = json.loads((Path(__file__).parent / "paraphrases.json").read_text())
+    return {task: tuple(texts) for task, texts in table.items()}
+
+
+def task_id(libero_task) -> str:
+    return libero_task.name.lower().replace("_", "-")
+
+
+class Libero(Benchmark):
+    cameras = CAMERAS
+
+    def __init__(self, suite_name: str = "goal"):
+        if suite_name not in SUITES:
+            raise UserError(f"--benchmark libero:{suite_name}: LIBERO's suites here are "
+                            f"{', '.join(f'libero:{name}' for name in SUITES)}")
+        self.name, self.suite = f"libero:{suite_name}", SUITES[suite_name]
+        self._tasks = {task_id(task): (index, task) for index, task in enumerate(suite(self.suite).tasks)}
+        self.tasks = list(self._tasks)
+
+    def _task(self, task: str):
+        if task not in self._tasks:
+            raise UserError(f"{task!r} is not a task of {self.name} ({', '.join(self.tasks)})")
+        return self._tasks[task]
+
+    def instructions(self, task: str) -> tuple[str, ...]:
+        return (self._task(task)[1].language, *paraphrases().get(task, ()))
+
+    def goal(self, task: str, split: str, index: int):
+        return split_goal(self.suite, self._task(task)[0], self.check_split(split), index)
+
+    def make_env(self, task: str, camera: str | None = None, image_size: int = 64) -> LiberoEnv:
+        return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], camera=camera, image_size=image_size)
+
+    def layout(self, task: str):
+        """Where each part of the scene sits in the flat `state` (env.StateLayout)."""
+        from lcbc.benchmarks.libero.env import bddl_path
+
+        return scene_layout(bddl_path(self._task(task)[1]))
+
+    def state_observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        return {"state": state, "robot_state": state[..., :self.layout(self.tasks[0]).robot_size]}
+
+    def scene(self, task: str) -> tuple[str, ...]:
+        """LIBERO-Goal's tasks share one scene; in the other suites each task is its own."""
+        return tuple(self.tasks) if self.suite == "libero_goal" else (task,)
+
+
+def benchmark(suite_name: str) -> Libero:
+    return Libero(suite_name or "goal")

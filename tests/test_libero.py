@@ -1,0 +1,70 @@
+"""The LIBERO plug-in: tasks and instructions, an environment on a train placement and on an official initial
+state, and the scripted experts on a few placements. One state environment serves every test that steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lcbc.benchmark import load_benchmark
+from lcbc.errors import UserError
+
+pytest.importorskip("libero.libero")
+
+TASK = "turn-on-the-stove"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("libero:goal")
+
+
+@pytest.fixture(scope="module")
+def env(benchmark):
+    env = benchmark.make_env(TASK)
+    yield env
+    env.close()
+
+
+def test_goal_suite_names_ten_tasks_with_libero_sentences_first(benchmark):
+    assert len(benchmark.tasks) == 10 and TASK in benchmark.tasks
+    assert benchmark.instructions(TASK)[0] == "turn on the stove" and len(benchmark.instructions(TASK)) >= 3
+    assert all(len(benchmark.instructions(task)) >= 3 for task in benchmark.tasks)
+    with pytest.raises(UserError, match="official initial states"):
+        benchmark.goal(TASK, "test", 50)
+    with pytest.raises(UserError, match="suites"):
+        load_benchmark("libero:nope")
+
+
+def test_train_placements_are_seeded_and_test_goals_are_official_initial_states(benchmark, env):
+    def start(split, index):
+        obs, _ = env.reset(options={"goal": benchmark.goal(TASK, split, index)})
+        return obs
+
+    first, again, other = start("train", 0), start("train", 0), start("train", 1)
+    # The same goal gives the same start, to rounding: the controller keeps ~1e-12 m from the last episode.
+    assert np.allclose(first["state"], again["state"], atol=1e-9)
+    assert not np.allclose(first["state"], other["state"], atol=1e-4)
+    assert not np.allclose(first["state"], start("validation", 0)["state"], atol=1e-4)
+    official = start("test", 3)
+    assert np.allclose(official["state"], start("test", 3)["state"], atol=1e-9)
+    assert not np.allclose(official["state"], start("test", 4)["state"], atol=1e-4)
+    assert env.observation_space["state"].shape == official["state"].shape == (benchmark.layout(TASK).size,)
+    assert env.simulator_state().shape == benchmark.goal(TASK, "test", 3).init_state.shape
+
+
+def test_a_step_reports_success_as_a_bool_and_the_robot_state_leads_the_state(benchmark, env):
+    obs, _ = env.reset(options={"goal": benchmark.goal(TASK, "train", 2)})
+    obs, reward, terminated, truncated, info = env.step(np.zeros(7))
+    assert info["success"] is False and reward == 0.0 and not terminated and not truncated
+    assert np.array_equal(obs["robot_state"], obs["state"][:benchmark.layout(TASK).robot_size])
+    assert env.max_episode_steps == 300
+
+
+def test_a_camera_environment_adds_its_upright_image(benchmark):
+    env = benchmark.make_env(TASK, camera="agentview", image_size=32)
+    obs, _ = env.reset(options={"goal": benchmark.goal(TASK, "train", 0)})
+    env.close()
+    image = obs["agentview_rgb"]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert image.std() > 10  # a rendered scene, not a blank frame
