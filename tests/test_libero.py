@@ -68,3 +68,23 @@ def test_a_camera_environment_adds_its_upright_image(benchmark):
     image = obs["agentview_rgb"]
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     assert image.std() > 10  # a rendered scene, not a blank frame
+
+
+def run_expert(benchmark, env, task, goal) -> bool:
+    from lcbc.collect import rollout_expert
+
+    return rollout_expert(env, benchmark.expert(task), goal, steps_after_success=0)[1]
+
+
+def test_the_stove_expert_succeeds_on_train_placements_and_official_initial_states(benchmark, env):
+    goals = [benchmark.goal(TASK, "train", 0), benchmark.goal(TASK, "validation", 1), benchmark.goal(TASK, "test", 0)]
+    assert all(run_expert(benchmark, env, TASK, goal) for goal in goals)
+
+
+@pytest.mark.parametrize("task", ["open-the-middle-drawer-of-the-cabinet", "put-the-bowl-on-the-plate"])
+def test_a_drawer_and_a_pick_and_place_expert_succeed(benchmark, task):
+    env = benchmark.make_env(task)
+    try:
+        assert all(run_expert(benchmark, env, task, benchmark.goal(task, "train", index)) for index in (7, 8))
+    finally:
+        env.close()

@@ -54,6 +54,12 @@ class Libero(Benchmark):
     def make_env(self, task: str, camera: str | None = None, image_size: int = 64) -> LiberoEnv:
         return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], camera=camera, image_size=image_size)
 
+    def expert(self, task: str):
+        from lcbc.benchmarks.libero.experts import EXPERTS, Expert
+
+        rules = EXPERTS.get(task) if self.suite == "libero_goal" else None
+        return Expert(rules, self.layout(task)) if rules else None
+
     def layout(self, task: str):
         """Where each part of the scene sits in the flat `state` (env.StateLayout)."""
         from lcbc.benchmarks.libero.env import bddl_path

@@ -1,0 +1,37 @@
+"""Success of LIBERO-Goal's scripted experts on train placements: attempts vs successes per task, and time.
+
+    python benchmarks/libero_experts.py --episodes 20 [--tasks turn-on-the-stove,...] [--split train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from lcbc.benchmark import load_benchmark
+from lcbc.collect import rollout_expert
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--tasks", default="", help="comma-separated; all with an expert by default")
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args()
+    benchmark = load_benchmark("libero:goal")
+    tasks = args.tasks.split(",") if args.tasks else [task for task in benchmark.tasks if benchmark.expert(task)]
+    print(f"{'task':45s} success  steps(mean)  seconds")
+    for task in tasks:
+        start, env, expert = time.time(), benchmark.make_env(task), benchmark.expert(task)
+        successes, steps = 0, []
+        for index in range(args.episodes):
+            arrays, success = rollout_expert(env, expert, benchmark.goal(task, args.split, index), 0)
+            successes += success
+            steps.append(len(arrays["actions"]))
+        env.close()
+        print(f"{task:45s} {successes:3d}/{args.episodes:<3d}  {sum(steps) / len(steps):8.0f}  "
+              f"{time.time() - start:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

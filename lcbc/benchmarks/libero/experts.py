@@ -1,0 +1,200 @@
+"""Scripted experts for LIBERO-Goal's tasks, written from the poses in the flat state.
+
+Each expert is a rule of the current state alone (no memory between steps), so one expert serves every
+episode and a policy cloned from it sees one consistent answer per state: where the gripper should go next
+(a point in the world), whether it should close, and which way it should point. The operational-space
+controller takes 7-d deltas: xyz (1 = 5 cm), axis-angle rotation (1 = 0.5 rad) and the gripper (-1 open,
++1 close); `Expert` turns a `Move` into one with a proportional rule.
+
+Scene geometry (measured in the scene, world frame, metres): the gripper's site sits between its finger
+pads, which part along world y when it points down, and the hand is 20 cm wide along them; the cabinet
+always stands turned by pi, its drawers slide out toward +y (joint value negative when open), each handle a
+bar 10 cm in front of the cabinet's origin; the stove's knob turns about z and its pointer reaches 4 cm
+toward +x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+CLOSE, OPEN = 1.0, -1.0
+POSITION_STEP, ROTATION_STEP = 0.05, 0.5  # what an action of 1 asks the controller for: metres, radians
+POSITION_GAIN = 2.0  # asks for twice the way left: full speed from 2.5 cm away
+# Pointing down, fingers parting along y; and pointing at the cabinet (-y), fingers parting along z.
+DOWN = Rotation.from_matrix(np.diag([1.0, -1.0, -1.0]))
+AT_CABINET = Rotation.from_euler("x", -np.pi / 2) * DOWN
+# Pointing down, fingers (and the hand's width) along x: keeps the hand clear of the cabinet's handles.
+ACROSS = Rotation.from_euler("z", -np.pi / 2) * DOWN
+
+BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bottle_1", "plate_1"
+CABINET, STOVE = "wooden_cabinet_1", "flat_stove_1"
+DRAWER_HANDLE_Z = {"top": 0.184, "middle": 0.110, "bottom": 0.042}  # above the cabinet's origin
+DRAWER_OPENED = -0.155  # LIBERO counts a drawer open below -0.14; its joint stops at -0.16
+HANDLE_HELD = (0.006, 0.02)  # finger openings of a grip on the 1.6 cm handle bar; below it, they slipped off
+KNOB_ON, KNOB_LEVER = 0.7, 0.03  # LIBERO counts the stove on from 0.5 rad; where on the pointer to push
+PUSH_Z = 0.945  # the site's height that puts the fingertips across the knob's pointer
+
+
+@dataclass
+class Move:
+    target: np.ndarray  # where the gripper's site should go
+    grip: float = OPEN
+    orientation: Rotation = DOWN
+
+
+class Scene:
+    """Named views into one flat state (see env.StateLayout)."""
+
+    def __init__(self, state: np.ndarray, layout):
+        self.state, self.layout = np.asarray(state, dtype=np.float64), layout
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.state[self.layout.slices[name]]
+
+    def pos(self, body: str) -> np.ndarray:
+        return self[f"{body}_pos"]
+
+    def joint(self, name: str) -> float:
+        return float(self[name][0])
+
+    @property
+    def eef(self) -> np.ndarray:
+        return self["eef_pos"]
+
+    @property
+    def finger_opening(self) -> float:
+        """Half the distance between the fingers: 0.039 open, 0 closed on nothing."""
+        left, right = self["gripper_qpos"]
+        return float(left - right) / 2
+
+    def drawer_handle(self, level: str) -> np.ndarray:
+        slide = self.joint(f"{CABINET}_{level}_level")
+        return self.pos(CABINET) + np.array([0.002, 0.102 - slide, DRAWER_HANDLE_Z[level]])
+
+
+class Expert:
+    """A task's rule (Scene -> Move) as a policy: observation dict -> 7-d action."""
+
+    def __init__(self, rule: Callable[[Scene], Move], layout):
+        self.rule, self.layout = rule, layout
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        scene = Scene(obs["state"], self.layout)
+        move = self.rule(scene)
+        position = np.clip(POSITION_GAIN * (move.target - scene.eef) / POSITION_STEP, -1, 1)
+        current = Rotation.from_quat(scene["eef_quat"])  # x, y, z, w
+        rotation = np.clip((move.orientation * current.inv()).as_rotvec() / ROTATION_STEP, -1, 1)
+        return np.concatenate([position, rotation, [move.grip]]).astype(np.float32)
+
+
+def toward(scene: Scene, goal: np.ndarray, grip: float, travel_z: float, orientation: Rotation = DOWN,
+           reach: float = 0.015) -> Move:
+    """Go to `goal` by way of `travel_z`: up first when far away, across, then down onto it."""
+    eef = scene.eef
+    if np.linalg.norm(eef[:2] - goal[:2]) > reach:
+        if eef[2] < travel_z - 0.03 and np.linalg.norm(eef[:2] - goal[:2]) > 0.04:
+            return Move(np.array([*eef[:2], travel_z]), grip, orientation)
+        return Move(np.array([*goal[:2], max(travel_z, goal[2])]), grip, orientation)
+    return Move(goal, grip, orientation)
+
+
+@dataclass
+class PickPlace:
+    """Grasp `thing` at `grasp` from its origin, carry it so its origin goes to `destination(scene)` + `release`
+    height, open there, and rise once it rests within `tolerance` of the destination."""
+
+    thing: str
+    grasp: tuple[float, float, float]
+    destination: Callable[[Scene], np.ndarray]
+    release: float
+    travel_z: float
+    held_opening: float  # the fingers are closed on it below this opening
+    tolerance: float = 0.02
+    orientation: Rotation = DOWN
+
+    def __call__(self, scene: Scene) -> Move:
+        grasp = scene.pos(self.thing) + np.array(self.grasp)
+        goal = self.destination(scene)
+        thing = scene.pos(self.thing)
+        near_hand = np.linalg.norm(scene.eef - grasp) < 0.025
+        if near_hand and scene.finger_opening < self.held_opening:
+            above_goal = np.linalg.norm(thing[:2] - goal[:2]) < 0.01
+            if above_goal and thing[2] < goal[2] + self.release + 0.01:
+                return Move(scene.eef, OPEN, self.orientation)
+            carry = goal + np.array([0, 0, self.release]) + np.array(self.grasp)
+            return toward(scene, carry, CLOSE, self.travel_z, self.orientation, reach=0.01)
+        if np.linalg.norm(thing[:2] - goal[:2]) < self.tolerance and thing[2] < goal[2] + self.release:
+            return Move(np.array([*scene.eef[:2], self.travel_z]), OPEN, self.orientation)  # done: rise, stay clear
+        if near_hand and np.linalg.norm(scene.eef - grasp) < 0.01:
+            return Move(grasp, CLOSE, self.orientation)
+        return toward(scene, grasp, OPEN, grasp[2] + 0.08, self.orientation, reach=0.01)
+
+
+def open_drawer(level: str, until: float = DRAWER_OPENED) -> Callable[[Scene], Move]:
+    """Point the gripper at the cabinet, close it around the handle bar from the front, pull it out to `until`."""
+
+    def rule(scene: Scene) -> Move:
+        handle = scene.drawer_handle(level)
+        if scene.joint(f"{CABINET}_{level}_level") < until:
+            return Move(handle + np.array([0, 0.12, 0.04]), OPEN, AT_CABINET)
+        grasp = handle - np.array([0, 0.005, 0])  # the finger pads all around the bar
+        offset = scene.eef - grasp
+        if np.linalg.norm(offset) < 0.03 and HANDLE_HELD[0] < scene.finger_opening < HANDLE_HELD[1]:
+            return Move(grasp + np.array([0, 0.02, 0]), CLOSE, AT_CABINET)
+        if np.linalg.norm(offset) < 0.008:
+            return Move(grasp, CLOSE, AT_CABINET)
+        aligned = np.linalg.norm(offset[[0, 2]]) < 0.01 and -0.01 < offset[1] < 0.13
+        pointing = (AT_CABINET * Rotation.from_quat(scene["eef_quat"]).inv()).magnitude() < 0.1
+        if aligned and pointing:
+            return Move(grasp, OPEN, AT_CABINET)
+        # From above: the hand, 20 cm wide along z when pointing at the cabinet, would sweep the bowl away.
+        return toward(scene, grasp + np.array([0, 0.10, 0]), OPEN, grasp[2] + 0.06, AT_CABINET, reach=0.01)
+
+    return rule
+
+
+def turn_on_stove(scene: Scene) -> Move:
+    """Closed fingers behind the knob's pointer, then along its arc until LIBERO counts the stove on."""
+    angle = scene.joint(f"{STOVE}_button")
+    if angle > KNOB_ON:
+        return Move(np.array([*scene.eef[:2], PUSH_Z + 0.08]), CLOSE)
+    radial, tangent = np.array([np.cos(angle), np.sin(angle), 0]), np.array([-np.sin(angle), np.cos(angle), 0])
+    contact = scene.pos(STOVE) + KNOB_LEVER * radial + np.array([0, 0, PUSH_Z - scene.pos(STOVE)[2]])
+    start = contact - 0.03 * tangent
+    if scene.eef[2] < PUSH_Z + 0.015 and np.linalg.norm(scene.eef - contact) < 0.035:
+        return Move(contact + 0.03 * tangent, CLOSE)
+    return toward(scene, start, CLOSE, PUSH_Z + 0.06, reach=0.008)
+
+
+def burner(scene: Scene) -> np.ndarray:
+    return scene.pos(STOVE) + np.array([0.15, 0, 0])
+
+
+def cabinet_top(scene: Scene) -> np.ndarray:
+    return scene.pos(CABINET) + np.array([-0.004, -0.016, 0.222])
+
+
+# Grasps: the bowl by its rim on the robot's side (-x, the hand turned ACROSS), the cream cheese across its
+# body, the wine bottle by its neck (the hand would hit its top lower down). Each is held once the fingers
+# close to under the opening that goes with it: a bowl's rim and the bottle's neck are about a centimetre
+# thick, the cream cheese 4.3 cm.
+BOWL_RIM, CHEESE_BODY, BOTTLE_NECK = (-0.047, 0, 0.03), (0, 0, 0.006), (0, 0, 0.12)
+RIM_HELD, CHEESE_HELD, NECK_HELD = 0.005, 0.024, 0.009
+
+
+EXPERTS: dict[str, Callable[[Scene], Move]] = {
+    "turn-on-the-stove": turn_on_stove,
+    "open-the-middle-drawer-of-the-cabinet": open_drawer("middle"),
+    "put-the-bowl-on-the-plate": PickPlace(BOWL, BOWL_RIM, lambda scene: scene.pos(PLATE), 0.02, 1.05, RIM_HELD,
+                                           orientation=ACROSS),
+    "put-the-bowl-on-the-stove": PickPlace(BOWL, BOWL_RIM, burner, 0.04, 1.05, RIM_HELD, 0.04, ACROSS),
+    "put-the-bowl-on-top-of-the-cabinet": PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05, ACROSS),
+    "put-the-cream-cheese-in-the-bowl": PickPlace(CHEESE, CHEESE_BODY, lambda scene: scene.pos(BOWL), 0.045, 1.05,
+                                                  CHEESE_HELD),
+    "put-the-wine-bottle-on-top-of-the-cabinet": PickPlace(BOTTLE, BOTTLE_NECK, cabinet_top, 0.015, 1.3, NECK_HELD,
+                                                           0.05),
+}
