@@ -1,6 +1,8 @@
-"""Success of LIBERO-Goal's scripted experts on train placements: attempts vs successes per task, and time.
+"""Success of LIBERO-Goal's scripted experts: attempts vs successes per task, time, and which episodes failed.
 
     python benchmarks/libero_experts.py --episodes 20 [--tasks turn-on-the-stove,...] [--split train]
+
+Episode i runs on the split's i-th goal variation (train: placement seed i), so a failure can be replayed.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ def main() -> None:
     args = parser.parse_args()
     benchmark = load_benchmark("libero:goal")
     tasks = args.tasks.split(",") if args.tasks else [task for task in benchmark.tasks if benchmark.expert(task)]
-    print(f"{'task':45s} success  steps(mean)  seconds")
+    print(f"{'task':45s} success  steps(mean)  seconds  failed episodes")
     for task in tasks:
         start, env, expert = time.time(), benchmark.make_env(task), benchmark.expert(task)
-        successes, steps = 0, []
+        failed, steps = [], []
         for index in range(args.episodes):
             arrays, success = rollout_expert(env, expert, benchmark.goal(task, args.split, index), 0)
-            successes += success
+            failed += [] if success else [index]
             steps.append(len(arrays["actions"]))
         env.close()
-        print(f"{task:45s} {successes:3d}/{args.episodes:<3d}  {sum(steps) / len(steps):8.0f}  "
-              f"{time.time() - start:8.1f}", flush=True)
+        print(f"{task:45s} {args.episodes - len(failed):3d}/{args.episodes:<3d}  {sum(steps) / len(steps):8.0f}  "
+              f"{time.time() - start:8.1f}  {failed}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ POSITION_GAIN = 2.0  # asks for twice the way left: full speed from 2.5 cm away
 # Pointing down, fingers parting along y; and pointing at the cabinet (-y), fingers parting along z.
 DOWN = Rotation.from_matrix(np.diag([1.0, -1.0, -1.0]))
 AT_CABINET = Rotation.from_euler("x", -np.pi / 2) * DOWN
-# Pointing down, fingers (and the hand's width) along x: keeps the hand clear of the cabinet's handles.
-ACROSS = Rotation.from_euler("z", -np.pi / 2) * DOWN
+# Pointing down, turned so that the fingers part along the bowl's radius where BOWL_RIM grasps it.
+AT_BOWL_RIM = Rotation.from_euler("z", np.pi / 3) * DOWN  # the other way round, the wrist reaches its limit
 
 BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bottle_1", "plate_1"
 CABINET, STOVE = "wooden_cabinet_1", "flat_stove_1"
@@ -178,11 +178,12 @@ def cabinet_top(scene: Scene) -> np.ndarray:
     return scene.pos(CABINET) + np.array([-0.004, -0.016, 0.222])
 
 
-# Grasps: the bowl by its rim on the robot's side (-x, the hand turned ACROSS), the cream cheese across its
+# Grasps: the bowl by its rim on the robot's side, 30 degrees toward +y (the hand, 20 cm wide along the
+# fingers, then stays clear of the wine bottle's top and of the cabinet's handles), the cream cheese across its
 # body, the wine bottle by its neck (the hand would hit its top lower down). Each is held once the fingers
 # close to under the opening that goes with it: a bowl's rim and the bottle's neck are about a centimetre
 # thick, the cream cheese 4.3 cm.
-BOWL_RIM, CHEESE_BODY, BOTTLE_NECK = (-0.047, 0, 0.03), (0, 0, 0.006), (0, 0, 0.12)
+BOWL_RIM, CHEESE_BODY, BOTTLE_NECK = (-0.041, 0.0235, 0.03), (0, 0, 0.006), (0, 0, 0.12)
 RIM_HELD, CHEESE_HELD, NECK_HELD = 0.005, 0.024, 0.009
 
 
@@ -190,9 +191,10 @@ EXPERTS: dict[str, Callable[[Scene], Move]] = {
     "turn-on-the-stove": turn_on_stove,
     "open-the-middle-drawer-of-the-cabinet": open_drawer("middle"),
     "put-the-bowl-on-the-plate": PickPlace(BOWL, BOWL_RIM, lambda scene: scene.pos(PLATE), 0.02, 1.05, RIM_HELD,
-                                           orientation=ACROSS),
-    "put-the-bowl-on-the-stove": PickPlace(BOWL, BOWL_RIM, burner, 0.04, 1.05, RIM_HELD, 0.04, ACROSS),
-    "put-the-bowl-on-top-of-the-cabinet": PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05, ACROSS),
+                                           orientation=AT_BOWL_RIM),
+    "put-the-bowl-on-the-stove": PickPlace(BOWL, BOWL_RIM, burner, 0.04, 1.05, RIM_HELD, 0.04, AT_BOWL_RIM),
+    "put-the-bowl-on-top-of-the-cabinet": PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05,
+                                                    AT_BOWL_RIM),
     "put-the-cream-cheese-in-the-bowl": PickPlace(CHEESE, CHEESE_BODY, lambda scene: scene.pos(BOWL), 0.045, 1.05,
                                                   CHEESE_HELD),
     "put-the-wine-bottle-on-top-of-the-cabinet": PickPlace(BOTTLE, BOTTLE_NECK, cabinet_top, 0.015, 1.3, NECK_HELD,
