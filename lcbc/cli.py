@@ -19,15 +19,19 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 SMALLEST = {"episodes_per_task": 1, "episodes": 1, "envs_per_task": 1, "workers": 1, "image_size": 1, "videos": 0,
             "episode": 0, "steps_after_success": 0, "batches": 1, "batch_size": 1, "port": 0, "max_sessions": 1}
 BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
-                  "(MT10, MT50 and Meta-World task names alone also work), or my_package.module:ARG")
+                  "(MT10, MT50 and Meta-World task names alone also work), libero:goal (or libero:goal:TASK,TASK), "
+                  "or my_package.module:ARG")
 
 
 def cmd_collect(args) -> None:
     from lcbc.benchmark import load_benchmark
     from lcbc.collect import collect
 
-    tasks = load_benchmark(args.benchmark).tasks
-    camera = args.camera if args.obs in ("rgb", "both") else None
+    benchmark = load_benchmark(args.benchmark)
+    tasks = benchmark.tasks
+    if args.obs in ("rgb", "both") and not (args.camera or benchmark.cameras):
+        raise UserError(f"--obs {args.obs}: {benchmark.name} renders no cameras")
+    camera = (args.camera or benchmark.cameras[0]) if args.obs in ("rgb", "both") else None
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
     report = collect(args.out, args.benchmark, args.episodes_per_task, camera=camera, image_size=args.image_size,
                      workers=args.workers, mode=mode, steps_after_success=args.steps_after_success)
@@ -291,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--episodes-per-task", type=int, default=50)
     collect.add_argument("--obs", choices=("state", "rgb", "both"), default="state")
     collect.add_argument("--image-size", type=int, default=64)
-    collect.add_argument("--camera", default="corner")
+    collect.add_argument("--camera", help="one of the benchmark's cameras; its first by default (Meta-World: corner, "
+                         "LIBERO: agentview)")
     collect.add_argument("--out", required=True)
     collect.add_argument("--workers", type=int, default=2)
     collect.add_argument("--steps-after-success", type=int, default=20,

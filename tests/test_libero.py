@@ -34,6 +34,10 @@ def test_goal_suite_names_ten_tasks_with_libero_sentences_first(benchmark):
         benchmark.goal(TASK, "test", 50)
     with pytest.raises(UserError, match="suites"):
         load_benchmark("libero:nope")
+    some = load_benchmark(f"libero:goal:{TASK},put-the-bowl-on-the-plate")
+    assert some.tasks == [TASK, "put-the-bowl-on-the-plate"] and some.name == f"libero:goal:{','.join(some.tasks)}"
+    with pytest.raises(UserError, match="not a task"):
+        load_benchmark("libero:goal:turn-off-the-stove")
 
 
 def test_train_placements_are_seeded_and_test_goals_are_official_initial_states(benchmark, env):

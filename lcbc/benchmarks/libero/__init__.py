@@ -1,4 +1,5 @@
-"""The LIBERO plug-in: `--benchmark libero:goal` (or spatial, object, 10, 90).
+"""The LIBERO plug-in: `--benchmark libero:goal` (or spatial, object, 10, 90), or some of a suite's tasks:
+`libero:goal:turn-on-the-stove,put-the-bowl-on-the-plate`.
 
 Tasks are LIBERO's, named by their BDDL problem with hyphens (turn-on-the-stove); the canonical instruction is
 LIBERO's own sentence, paraphrases (paraphrases.json) follow it. Goal variations: train and validation are
@@ -32,17 +33,20 @@ def task_id(libero_task) -> str:
 class Libero(Benchmark):
     cameras = CAMERAS
 
-    def __init__(self, suite_name: str = "goal"):
+    def __init__(self, suite_name: str = "goal", tasks: list[str] | None = None):
         if suite_name not in SUITES:
             raise UserError(f"--benchmark libero:{suite_name}: LIBERO's suites here are "
                             f"{', '.join(f'libero:{name}' for name in SUITES)}")
-        self.name, self.suite = f"libero:{suite_name}", SUITES[suite_name]
+        self.suite = SUITES[suite_name]
         self._tasks = {task_id(task): (index, task) for index, task in enumerate(suite(self.suite).tasks)}
-        self.tasks = list(self._tasks)
+        for task in tasks or ():
+            self._task(task)  # names the suite's tasks when one is not among them
+        self.tasks = list(tasks or self._tasks)
+        self.name = f"libero:{suite_name}" + (f":{','.join(tasks)}" if tasks else "")
 
     def _task(self, task: str):
         if task not in self._tasks:
-            raise UserError(f"{task!r} is not a task of {self.name} ({', '.join(self.tasks)})")
+            raise UserError(f"{task!r} is not a task of LIBERO's {self.suite} ({', '.join(self._tasks)})")
         return self._tasks[task]
 
     def instructions(self, task: str) -> tuple[str, ...]:
@@ -74,5 +78,7 @@ class Libero(Benchmark):
         return tuple(self.tasks) if self.suite == "libero_goal" else (task,)
 
 
-def benchmark(suite_name: str) -> Libero:
-    return Libero(suite_name or "goal")
+def benchmark(argument: str) -> Libero:
+    """`goal`, or `goal:task-a,task-b` for some of its tasks."""
+    suite_name, _, tasks = argument.partition(":")
+    return Libero(suite_name or "goal", [task.strip() for task in tasks.split(",") if task.strip()])
