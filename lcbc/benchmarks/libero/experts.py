@@ -104,8 +104,8 @@ def toward(scene: Scene, goal: np.ndarray, grip: float, travel_z: float, orienta
 
 @dataclass
 class PickPlace:
-    """Grasp `thing` at `grasp` from its origin, carry it so its origin goes to `destination(scene)` + `release`
-    height, open there, and rise once it rests within `tolerance` of the destination."""
+    """Grasp `thing` at `grasp` from its origin, carry it over `destination(scene)`, open once its origin is
+    within half `tolerance` of it and `release` above it, and rise once it rests within `tolerance`."""
 
     thing: str
     grasp: tuple[float, float, float]
@@ -122,7 +122,7 @@ class PickPlace:
         thing = scene.pos(self.thing)
         near_hand = np.linalg.norm(scene.eef - grasp) < 0.025
         if near_hand and scene.finger_opening < self.held_opening:
-            above_goal = np.linalg.norm(thing[:2] - goal[:2]) < 0.01
+            above_goal = np.linalg.norm(thing[:2] - goal[:2]) < self.tolerance / 2
             if above_goal and thing[2] < goal[2] + self.release + 0.01:
                 return Move(scene.eef, OPEN, self.orientation)
             carry = goal + np.array([0, 0, self.release]) + np.array(self.grasp)
@@ -175,7 +175,8 @@ def burner(scene: Scene) -> np.ndarray:
 
 
 def cabinet_top(scene: Scene) -> np.ndarray:
-    return scene.pos(CABINET) + np.array([-0.004, -0.016, 0.222])
+    """5 cm from the middle of the cabinet's top toward the robot: the far side is at the edge of its reach."""
+    return scene.pos(CABINET) + np.array([-0.054, 0.004, 0.222])
 
 
 # Grasps: the bowl by its rim on the robot's side, 30 degrees toward +y (the hand, 20 cm wide along the
