@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
+from lcbc.errors import UserError
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("EGL_PLATFORM", "surfaceless")
 os.environ.setdefault("LP_NUM_THREADS", "1")
@@ -123,8 +125,6 @@ def split_goal(suite_name: str, task_index: int, split: str, index: int) -> Plac
     seed = SPLIT_SEED_OFFSET[split] + index
     if split == "test":
         if not 0 <= index < OFFICIAL_INIT_STATES:
-            from lcbc.errors import UserError
-
             raise UserError(f"LIBERO's test split is its {OFFICIAL_INIT_STATES} official initial states per task; "
                             f"index {index} is beyond them")
         return Placement(seed, np.asarray(suite(suite_name).get_task_init_states(task_index)[index], np.float64))
@@ -153,8 +153,6 @@ class LiberoEnv(gym.Env):
         from libero.libero.envs.env_wrapper import ControlEnv
 
         if camera is not None and camera not in CAMERAS:
-            from lcbc.errors import UserError
-
             raise UserError(f"--camera: LIBERO renders {', '.join(CAMERAS)}, not {camera!r}")
         self.camera, self.max_episode_steps = camera, max_episode_steps
         self.layout = scene_layout(bddl_path(task))
@@ -192,7 +190,7 @@ class LiberoEnv(gym.Env):
         """`options["goal"]`: a Placement; without one, the sampler draws from numpy's global generator."""
         super().reset(seed=seed)
         goal = (options or {}).get("goal")
-        # Without a hard reset the gripper would start from the last episode's finger command, as a new scene does.
+        # A new scene's gripper starts with no finger command; without a hard reset it would keep the last one.
         for robot in self._env.robots:
             robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         with seeded_global_numpy(goal.seed) if goal is not None else contextlib.nullcontext():
