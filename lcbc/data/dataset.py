@@ -321,14 +321,12 @@ class DemoDataset(torch.utils.data.Dataset):
         for begin, end in zip([0, *breaks], [*breaks, len(unique)]):
             demo = int(demos[begin])
             low = int(unique[begin] - self.demo_start[demo])
-            frames[begin:end] = self._resized(self._image_dataset(demo, key)[low:low + end - begin])
+            frames[begin:end] = resize_images(self._image_dataset(demo, key)[low:low + end - begin], self.image_size)
         return frames[inverse].reshape(*steps.shape, *self.image_shapes[key])
 
     def _read_all_images(self, key: str) -> np.ndarray:
-        return np.concatenate([self._resized(self._image_dataset(demo, key)[()]) for demo in range(len(self.demos))])
-
-    def _resized(self, images: np.ndarray) -> np.ndarray:
-        return resize_images(images, self.image_size)
+        return np.concatenate([resize_images(self._image_dataset(demo, key)[()], self.image_size)
+                               for demo in range(len(self.demos))])
 
     def __getstate__(self):
         state = dict(self.__dict__)
