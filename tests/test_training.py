@@ -195,15 +195,27 @@ def test_pcgrad_with_trainer_clipping_is_one_clear_error(task_file, tmp_path, ca
     assert len(error) == 1 and "gradient clipping" in error[0], error
 
 
-def test_progress_bar_names_the_step_budget_instead_of_an_endless_epoch_count():
-    from types import SimpleNamespace
+def test_progress_bar_counts_the_step_budget_across_epochs(tmp_path):
+    """With max_steps the bar runs once from 0 to the budget; the stock one restarts every epoch ("Epoch 56/-2")."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
 
     from lcbc.training.cli import ProgressBar
 
-    bar = ProgressBar()
-    for trainer, expected in ((SimpleNamespace(max_steps=10000, max_epochs=-1, global_step=250), "step 250/10000"),
-                              (SimpleNamespace(max_steps=-1, max_epochs=-1, global_step=7), "Epoch 3"),
-                              (SimpleNamespace(max_steps=-1, max_epochs=5, global_step=7), "Epoch 3/4")):
-        bar._trainer = trainer
-        description = bar._get_train_description(3)
-        assert expected in description and "-2" not in description
+    class ThreeBatches(BoringModel):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(6, 32), batch_size=2)
+
+    totals = []
+
+    class Watch(ProgressBar):
+        def on_train_batch_end(self, trainer, *args):
+            super().on_train_batch_end(trainer, *args)
+            task = self.progress.tasks[self.train_progress_bar_id]
+            totals.append((task.completed, task.total, task.description))
+
+    trainer = L.Trainer(max_steps=7, max_epochs=-1, callbacks=[Watch()], logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(ThreeBatches())
+    assert [completed for completed, _, _ in totals] == list(range(1, 8))
+    assert {total for _, total, _ in totals} == {7}
+    assert totals[-1][2] == "Epoch 2" and all("-" not in description for _, _, description in totals)

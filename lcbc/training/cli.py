@@ -40,16 +40,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, described by the step budget when training runs for a number of
-    steps (there the epoch count has no end, and the stock bar reads "Epoch 56/-2")."""
+    """Lightning's rich progress bar, counting the step budget when training runs for a number of steps
+    (there the epoch count has no end: the stock bar reads "Epoch 56/-2" and restarts every epoch)."""
+
+    @property
+    def total_train_batches(self):
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
-        trainer = self.trainer
+        if self.trainer.max_steps > 0 or not self.trainer.max_epochs or self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         if trainer.max_steps > 0:
-            return f"Epoch {current_epoch}, step {trainer.global_step}/{trainer.max_steps}"
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            return super()._get_train_description(current_epoch)
-        return f"Epoch {current_epoch}"
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # The bar's position is one past the batch index it is given: the optimizer steps taken so far.
+        position = trainer.global_step - 1 if trainer.max_steps > 0 else batch_idx
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, position)
 
 
 def quiet_lightning() -> None:
