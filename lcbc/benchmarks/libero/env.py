@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,6 +23,8 @@ from lcbc.errors import UserError
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("EGL_PLATFORM", "surfaceless")
 os.environ.setdefault("LP_NUM_THREADS", "1")
+# robosuite warns on import that no private macro file exists, a setup step LIBERO's scenes never need.
+logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())
 
 # Suite names after `libero:` and LIBERO's benchmark names.
 SUITES = {"goal": "libero_goal", "spatial": "libero_spatial", "object": "libero_object", "10": "libero_10",
@@ -49,7 +53,8 @@ def suite(name: str):
     """LIBERO's benchmark object for `name` (libero_goal, ...), in its fixed task order."""
     from libero.libero import benchmark
 
-    return benchmark.get_benchmark(name)(task_order_index=0)
+    with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints the task order it applies
+        return benchmark.get_benchmark(name)(task_order_index=0)
 
 
 def bddl_path(task) -> str:
