@@ -7,6 +7,9 @@ RUN ?= runs/bc_mt10_state
 export MUJOCO_GL ?= egl
 export EGL_PLATFORM ?= surfaceless
 export HF_HUB_OFFLINE ?= 1
+# pip's root-user and new-release notices ask nothing of an lcbc user.
+export PIP_ROOT_USER_ACTION ?= ignore
+export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: install test demo bench lint clean
 
