@@ -6,6 +6,10 @@ collection keeps every episode finished before the kill, and `resume=True` picks
 Each demo records its `task`, `split` and `episode` (which goal variation it ran on), its simulator
 `states` where the environment gives them, and sparse rewards (1 at the steps where the task holds),
 as robomimic writes them.
+
+`action_noise` perturbs the actions the environment executes, not the labels stored (DART, Laskey et al.
+2017): the demos then visit states a little off the expert's own path, each labelled with the expert's
+correction, which a cloned policy needs once its own small errors take it there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 import traceback
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,11 +43,14 @@ class CollectionReport:
     kept: dict[str, int] = field(default_factory=dict)
 
 
-def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUCCESS) -> tuple[dict, bool]:
+def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUCCESS, action_noise: float = 0.0,
+                   rng: np.random.Generator | None = None) -> tuple[dict, bool]:
     """One expert episode on `goal`; stops `steps_after_success` steps after the first success (so the demo
     also shows what the expert does once the task is done: hold, not wander off), when the environment ends
-    it, or at its `max_episode_steps`. Action labels are clipped to the action space."""
+    it, or at its `max_episode_steps`. Action labels are clipped to the action space; the environment
+    executes them with Gaussian noise of std `action_noise` (drawn from `rng`) added."""
     low, high = env.action_space.low, env.action_space.high
+    rng = rng or np.random.default_rng()
     obs, _ = env.reset(options={"goal": goal})
     with_states = hasattr(env, "simulator_state")
     steps: dict[str, list] = {"actions": [], "rewards": [], "states": [], **{f"obs/{k}": [] for k in obs}}
@@ -54,6 +62,8 @@ def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUC
         for key, value in obs.items():
             steps[f"obs/{key}"].append(value)
         steps["actions"].append(action)
+        if action_noise:
+            action = np.clip(action + rng.normal(0.0, action_noise, action.shape), low, high)
         obs, _, terminated, truncated, info = env.step(action)
         steps["rewards"].append(float(info["success"]))
         success = success or bool(info["success"])
@@ -74,7 +84,7 @@ def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUC
 
 
 def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | None, image_size: int,
-                 steps_after_success: int, done_episodes: frozenset[int], emit: Callable) -> None:
+                 steps_after_success: int, action_noise: float, done_episodes: frozenset[int], emit: Callable) -> None:
     """Roll out the expert on new training goals of `task` until `episodes` successes; emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
     try:
@@ -85,8 +95,10 @@ def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | No
         max_episode = 3 * episodes + 20
         while kept < episodes and episode < max_episode:
             if episode not in done_episodes:
+                # The noise is the episode's own: a resumed collection redoes an episode identically.
+                rng = np.random.default_rng([zlib.crc32(task.encode()), episode])
                 arrays, success = rollout_expert(env, expert, benchmark.goal(task, "train", episode),
-                                                 steps_after_success)
+                                                 steps_after_success, action_noise, rng)
                 attempts += 1
                 if success:
                     kept += 1
@@ -115,7 +127,8 @@ def _worker(jobs, results, parent: int) -> None:
 
 def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str | None = None,
             image_size: int = 64, workers: int = 1, mode: str = "create",
-            steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None) -> CollectionReport:
+            steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None,
+            action_noise: float = 0.0) -> CollectionReport:
     """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into `out`."""
     benchmark = load_benchmark(benchmark_spec)
     tasks = list(tasks or benchmark.tasks)
@@ -124,15 +137,16 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str |
         raise UserError(f"--benchmark {benchmark_spec}: no scripted expert for {missing[0]}")
     env_args = {"env_name": benchmark.name, "env_type": "lcbc",
                 "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "camera": camera, "image_size": image_size,
-                               "steps_after_success": steps_after_success}}
+                               "steps_after_success": steps_after_success,
+                               **({"action_noise": action_noise} if action_noise else {})}}  # absent: none
     report = CollectionReport()
-    # A resumed file must hold the same observations, so the same camera and image size.
-    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size")) as writer:
+    # A resumed file must hold the same observations, so the same camera and image size, and the same noise.
+    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size", "action_noise")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
-        jobs = [(benchmark_spec, task, episodes_per_task, camera, image_size, steps_after_success,
+        jobs = [(benchmark_spec, task, episodes_per_task, camera, image_size, steps_after_success, action_noise,
                  frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

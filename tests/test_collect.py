@@ -79,6 +79,36 @@ def test_steps_after_success_extend_the_same_episode():
     assert long["dones"].sum() == 1 and long["dones"][-1] == 1
 
 
+def test_action_noise_moves_the_episode_off_the_expert_path_and_keeps_the_expert_labels():
+    from lcbc.benchmark import load_benchmark
+    from lcbc.collect import rollout_expert
+
+    benchmark = load_benchmark("metaworld:reach-v3")
+    env, expert = benchmark.make_env("reach-v3"), benchmark.expert("reach-v3")
+    goal = benchmark.goal("reach-v3", "train", 0)
+    clean, _ = rollout_expert(env, expert, goal, steps_after_success=0)
+    noisy, success = rollout_expert(env, expert, goal, steps_after_success=0, action_noise=0.3,
+                                    rng=np.random.default_rng(0))
+    env.close()
+    assert success
+    steps = min(len(clean["actions"]), len(noisy["actions"]))
+    assert not np.allclose(clean["obs/state"][1:steps], noisy["obs/state"][1:steps])
+    # Every stored label is what the expert asks for in the state the noisy episode visited.
+    relabelled = [np.clip(expert({"state": state}), -1, 1) for state in noisy["obs/state"]]
+    np.testing.assert_allclose(noisy["actions"], relabelled, atol=1e-6)
+
+
+def test_collect_resume_refuses_another_action_noise(metaworld_file, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy.hdf5"
+    shutil.copy(metaworld_file, copy)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "--benchmark", "reach-v3", "--episodes-per-task", "4", "--out", str(copy),
+              "--resume", "--workers", "1", "--action-noise", "0.1"])
+    assert exit_info.value.code == 2 and "action_noise" in capsys.readouterr().err
+
+
 def test_collect_cli_defaults_match_the_collector_and_reject_negative_steps(tmp_path, capsys):
     from lcbc.cli import build_parser
     from lcbc.collect import STEPS_AFTER_SUCCESS
