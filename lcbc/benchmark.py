@@ -13,6 +13,13 @@ on a goal variation, `step` returns `info["success"]` (a bool), observations are
 `state` for state policies, `<camera>_rgb` uint8 images when made with a camera), and the attribute
 `max_episode_steps` is the horizon. `simulator_state()`, when present, is stored for replay scoring.
 
+Tasks that share a scene (`scene`) differ only in what is asked, so one episode can be scored for all of them.
+An environment that can do so reports `info["scene_success"]` from `reset` and every `step`: a dict, task ->
+bool, whether each scene task's goal holds now. `lcbc eval --obedience` (which task's goal does each
+instruction reach?) and chained requests need it. Chains (`lcbc eval --chain`, several instructions to
+`lcbc act`) also need `can_follow` pairs and an environment method `restart_step_limit()`: each request of
+a chain gets `max_episode_steps` steps of its own in the same episode.
+
 Benchmarks are found by name: `metaworld:MT10` or `libero:goal` (a registered name, a colon, the name's own
 argument), or `MT10`, `MT50` and Meta-World task names for short, or `my_package.my_module:ARG` for a module that
 defines `benchmark(arg) -> Benchmark`. `register_benchmark` adds a name from Python, and installed
@@ -88,6 +95,11 @@ class Benchmark:
         states, actions)` (the simulator state after a demo's last step); Meta-World's is
         lcbc.benchmarks.metaworld.scorer.SimulatorScorer."""
         return None
+
+    def can_follow(self, first: str, second: str) -> bool:
+        """Whether `second` may be asked for in the same episode once `first`'s goal is reached, with neither
+        goal needing or undoing the other (see the module docstring). None by default: no chains."""
+        return False
 
     def canonical_instruction(self, task: str) -> str:
         return self.instructions(task)[0]

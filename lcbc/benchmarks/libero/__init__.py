@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from lcbc.benchmark import Benchmark
-from lcbc.benchmarks.libero.env import CAMERAS, MAX_EPISODE_STEPS, SUITES, LiberoEnv, scene_layout, split_goal, suite
+from lcbc.benchmarks.libero.env import (
+    CAMERAS,
+    MAX_EPISODE_STEPS,
+    SUITES,
+    LiberoEnv,
+    bddl_path,
+    goal_objects,
+    goal_predicates,
+    scene_layout,
+    split_goal,
+    suite,
+)
 from lcbc.errors import UserError
 
 
@@ -56,7 +67,12 @@ class Libero(Benchmark):
         return split_goal(self.suite, self._task(task)[0], self.check_split(split), index)
 
     def make_env(self, task: str, camera: str | None = None, image_size: int = 64) -> LiberoEnv:
-        return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], camera=camera, image_size=image_size)
+        scene_goals = {other: goal_predicates(self._bddl(other)) for other in self.scene(task)}
+        return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], scene_goals, camera=camera,
+                         image_size=image_size)
+
+    def _bddl(self, task: str) -> str:
+        return bddl_path(self._task(task)[1])
 
     def expert(self, task: str):
         from lcbc.benchmarks.libero.experts import EXPERTS, Expert
@@ -66,9 +82,7 @@ class Libero(Benchmark):
 
     def layout(self, task: str):
         """Where each part of the scene sits in the flat `state` (env.StateLayout)."""
-        from lcbc.benchmarks.libero.env import bddl_path
-
-        return scene_layout(bddl_path(self._task(task)[1]))
+        return scene_layout(self._bddl(task))
 
     def state_observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         return {"state": state, "robot_state": state[..., :self.layout(self.tasks[0]).robot_size]}
@@ -76,6 +90,12 @@ class Libero(Benchmark):
     def scene(self, task: str) -> tuple[str, ...]:
         """LIBERO-Goal's tasks share one scene; in the other suites each task is its own."""
         return tuple(self.tasks) if self.suite == "libero_goal" else (task,)
+
+    def can_follow(self, first: str, second: str) -> bool:
+        """Two tasks of a scene whose goals involve disjoint objects (env.goal_objects): doing the second
+        neither needs nor undoes the first (turn on the stove, then open the middle drawer)."""
+        return (first != second and second in self.scene(first)
+                and not goal_objects(self._bddl(first)) & goal_objects(self._bddl(second)))
 
 
 def benchmark(argument: str) -> Libero:

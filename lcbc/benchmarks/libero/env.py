@@ -89,12 +89,36 @@ class StateLayout:
 
 
 @functools.cache
+def parsed_problem(bddl: str) -> dict:
+    from libero.libero.envs import bddl_utils
+
+    return bddl_utils.robosuite_parse_problem(bddl)
+
+
+@functools.cache
+def goal_predicates(bddl: str) -> tuple[tuple[str, ...], ...]:
+    """The BDDL goal, a conjunction of (predicate, object[, object]) as LIBERO's own `_check_success` reads it."""
+    return tuple(tuple(predicate) for predicate in parsed_problem(bddl)["goal_state"])
+
+
+def goal_objects(bddl: str) -> frozenset[str]:
+    """The objects a task's goal involves: a region counts as the object it belongs to (a drawer's region as
+    the cabinet, the stove's cook region as the stove), and a region of the table as nothing, since the table
+    is the arena every task shares."""
+    regions = parsed_problem(bddl)["regions"]
+    owners = (regions[name]["target"] if name in regions else name
+              for predicate in goal_predicates(bddl) for name in predicate[1:])
+    fixtures = parsed_problem(bddl)["fixtures"]
+    arena = {name for category in ARENA_CATEGORIES for name in fixtures.get(category, ())}
+    return frozenset(owners) - arena
+
+
+@functools.cache
 def scene_layout(bddl: str) -> StateLayout:
     """The state layout of a BDDL scene, read from the file and the objects' own XML (no simulator needed)."""
-    from libero.libero.envs import bddl_utils
     from libero.libero.envs.objects import get_object_fn
 
-    problem = bddl_utils.robosuite_parse_problem(bddl)
+    problem = parsed_problem(bddl)
     named = [(category, name) for group in ("objects", "fixtures") for category, names in problem[group].items()
              for name in names if category not in ARENA_CATEGORIES]
     joints = []
@@ -148,12 +172,14 @@ class LiberoEnv(gym.Env):
     """One LIBERO task; `reset(options={"goal": goal})` starts on a placement seed or an initial state.
 
     Keys: `state` (see StateLayout), `robot_state` (its robot part) and, with a camera, `<camera>_rgb`
-    (image_size x image_size x 3 uint8, upright).
+    (image_size x image_size x 3 uint8, upright). `info["scene_success"]` (from reset and every step) says
+    which of `scene_goals` (task -> BDDL goal predicates of tasks in the same scene) hold.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, task, max_episode_steps: int, camera: str | None = None, image_size: int = 64):
+    def __init__(self, task, max_episode_steps: int, scene_goals: dict[str, tuple], camera: str | None = None,
+                 image_size: int = 64):
         from libero.libero.envs import OffScreenRenderEnv
         from libero.libero.envs.env_wrapper import ControlEnv
 
@@ -170,6 +196,12 @@ class LiberoEnv(gym.Env):
             speed_up_rendering(self._env.sim)
         else:
             self._env = ControlEnv(**options, has_offscreen_renderer=False, use_camera_obs=False, camera_names=[])
+        # Every goal is evaluated by this scene's own predicates, so its objects and regions must be this scene's.
+        known = self._env.env.object_states_dict
+        unknown = {name for goal in scene_goals.values() for predicate in goal for name in predicate[1:]} - set(known)
+        if unknown:
+            raise ValueError(f"{task.name}: the scene has no {', '.join(sorted(unknown))} for its tasks' goals")
+        self.scene_goals = scene_goals
         sim = self._env.sim
         self._body_ids = [self._env.env.obj_body_id[body] for body in self.layout.bodies]
         self._joint_addresses = [sim.model.get_joint_qpos_addr(joint) for joint in self.layout.joints]
@@ -205,14 +237,24 @@ class LiberoEnv(gym.Env):
         for _ in range(SETTLE_STEPS):
             raw, *_ = self._env.step(OPEN_GRIPPER_STILL)
         self._steps = 0
-        return self._observation(raw), {}
+        return self._observation(raw), {"scene_success": self.scene_success()}
 
     def step(self, action):
         raw, reward, _, info = self._env.step(np.asarray(action, dtype=np.float64))
         self._steps += 1
         success = bool(self._env.check_success())
-        info = dict(info, success=success)
+        info = dict(info, success=success, scene_success=self.scene_success())
         return self._observation(raw), float(success), False, self._steps >= self.max_episode_steps, info
+
+    def scene_success(self) -> dict[str, bool]:
+        """Which scene tasks' goals hold now, each evaluated as LIBERO's `_check_success` evaluates its own."""
+        problem = self._env.env
+        return {task: all(problem._eval_predicate(predicate) for predicate in goal)
+                for task, goal in self.scene_goals.items()}
+
+    def restart_step_limit(self) -> None:
+        """A chained request starts: it gets `max_episode_steps` of its own in the same episode."""
+        self._steps = 0
 
     def simulator_state(self) -> np.ndarray:
         """The flattened MuJoCo state (time, qpos, qvel): the format of LIBERO's official initial states."""
