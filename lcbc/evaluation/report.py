@@ -77,43 +77,37 @@ def bar_chart(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def play_episode(actor, benchmark, task: str, instruction: str, split: str, episode: int = 0,
-                 video: Path | None = None, camera: str | None = None, size: int = 128) -> tuple[bool, dict]:
-    """One episode on the `episode`-th goal of `split`; with `video`, rendered from `camera` into a GIF.
-    Returns whether the scene's task succeeded, and what happened: goal, flat states, actions, successes
-    and, where the environment gives them, simulator states (for scoring the scene's other tasks)."""
+def play_episode(actor, benchmark, job, split: str, video: Path | None = None, camera: str | None = None,
+                 size: int = 128) -> tuple:
+    """One episode of `job` (a rollout.Job: its requests, on its start task's `episode`-th goal of `split`);
+    with `video`, rendered from `camera` into a GIF. Returns its rollout.Outcome and what happened: goal, flat
+    states, actions, successes and, where the environment gives them, simulator states (for scoring the
+    scene's other tasks)."""
     import imageio.v2 as imageio
 
-    from lcbc.evaluation.rollout import Job
+    from lcbc.evaluation.rollout import run_jobs
 
-    env = benchmark.make_env(task, camera=camera, image_size=size)
-    goal = benchmark.goal(task, split, episode)
-    obs, _ = env.reset(options={"goal": goal})
-    actor.reset(np.ones(1, dtype=bool))
-    with_states = hasattr(env, "simulator_state")
-    record = {"goal": goal, "obs": [obs.get("state")], "actions": [], "success": [],
-              "states": [env.simulator_state()] if with_states else []}
-    frames, success = [obs[f"{camera}_rgb"]] if video else [], False
-    job = Job(task, instruction, episode)
-    for _ in range(env.max_episode_steps):
-        action = np.clip(actor({key: value[None] for key, value in obs.items()}, [job])[0],
-                         env.action_space.low, env.action_space.high)
-        obs, _, terminated, truncated, info = env.step(action)
-        for key, value in (("obs", obs.get("state")), ("actions", action), ("success", bool(info["success"]))):
-            record[key].append(value)
-        if with_states:
+    record = {"goal": benchmark.goal(job.start_task, split, job.episode), "obs": [], "actions": [], "success": [],
+              "states": []}
+    frames = []
+
+    def watch(env, obs, action, info):
+        record["obs"].append(obs.get("state"))
+        if action is not None:
+            record["actions"].append(action)
+            record["success"].append(bool(info["success"]))
+        if hasattr(env, "simulator_state"):
             record["states"].append(env.simulator_state())
         if video:
             frames.append(obs[f"{camera}_rgb"])
-        if info["success"] or terminated or truncated:
-            success = bool(info["success"])
-            break
-    env.close()
+
+    result = run_jobs(actor, benchmark, [job], split, envs_per_task=1, camera=camera,
+                      image_size=size, progress=False, watch=watch)
     if video:
         frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible
         video.parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video, frames[::2], duration=0.08, loop=0)
-    return success, record
+    return result.outcomes[0], record
 
 
 def write_report(table: dict, out_dir: Path) -> None:

@@ -2,30 +2,74 @@
 
 Many environments are stepped together with one batched policy call per step: every task gets
 `envs_per_task` environments, each runs its share of the split's goals one after another, and a
-finished environment takes the next goal of its task while the others keep going. Success is the
-environment's own `info["success"]` at any step; the horizon is its `max_episode_steps`.
+finished environment takes the next goal of its task while the others keep going. The horizon is the
+environment's `max_episode_steps`.
+
+A job asks for a task; the episode ends when that task's goal is newly reached: it holds at a step and did
+not hold when the request was made. Which goals hold comes from `info["scene_success"]` where the
+environment reports it (every task of its scene), else from `info["success"]` for its own task. A job may
+start on another task's goal variation of the same scene (`Job.start`: obedience runs ask for every task
+from the same starts) and may chain further requests (`Job.then`): once the goal is reached the next
+instruction is given in the same episode, with no reset and the policy's history kept, and it gets
+`max_episode_steps` steps of its own (`env.restart_step_limit()`).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lcbc.errors import UserError
+
 
 @dataclass(frozen=True)
 class Job:
+    """What the actor is asked now: a task ('' for none of the scene's), its instruction, and the index of
+    the goal variation the episode started on, of task `start` when that is not `task`. `then` holds the
+    (task, instruction) requests that follow in the same episode."""
+
     task: str
     instruction: str
     episode: int
+    start: str = ""
+    then: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def start_task(self) -> str:
+        return self.start or self.task
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        return [(self.task, self.instruction), *self.then]
+
+    def next_request(self) -> Job:
+        (task, instruction), *rest = self.then
+        return Job(task, instruction, self.episode, self.start_task, tuple(rest))
+
+
+@dataclass
+class Outcome:
+    """One episode of a job: for each request made, the scene's tasks whose goals it newly reached, in order."""
+
+    job: Job
+    reached: list[list[str]]
+
+    @property
+    def completed(self) -> int:
+        """How many of the job's requests were done, in order."""
+        done = [task in reached for (task, _), reached in zip(self.job.requests, self.reached)]
+        return done.index(False) if False in done else len(done)
 
 
 @dataclass
 class EvalResult:
     successes: dict[tuple[str, str], list[bool]] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
 
@@ -78,59 +122,98 @@ def rollout(actor, benchmark, episodes: int, instructions: dict[str, list[str]] 
             progress: bool = True, tasks: list[str] | None = None) -> EvalResult:
     """Run the first `episodes` goals of `split` for each of the benchmark's tasks (or `tasks`), and each
     phrasing when `instructions` is given; `camera` renders images for pixel policies."""
-    warnings.filterwarnings("ignore", message="Constant")
     tasks = list(tasks or benchmark.tasks)
     phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
-    queues = {task: [Job(task, text, e) for text in phrasings[task] for e in range(episodes)] for task in tasks}
-    total = sum(len(queue) for queue in queues.values())
-    slots = [(_borrow_env(benchmark, task, camera, image_size), task)
-             for task in tasks for _ in range(min(envs_per_task, len(queues[task])))]
+    jobs = [Job(task, text, e) for task in tasks for text in phrasings[task] for e in range(episodes)]
+    return run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress)
+
+
+def holding(info: dict, task: str) -> dict[str, bool]:
+    """Which goals hold, from a reset's or a step's info: the scene's where reported, else the task's own."""
+    if "scene_success" in info:
+        return info["scene_success"]
+    return {task: bool(info["success"])} if "success" in info else {}
+
+
+def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_per_task: int = 10,
+             camera: str | None = None, image_size: int = 64, progress: bool = True,
+             watch: Callable | None = None) -> EvalResult:
+    """Run every job (see the module docstring), `envs_per_task` environments per start task at a time.
+    `watch(env, observation, action, info)` sees every reset (action None) and step."""
+    warnings.filterwarnings("ignore", message="Constant")
+    queues: dict[str, list[Job]] = {}
+    for job in jobs:
+        queues.setdefault(job.start_task, []).append(job)
+    slots = [(_borrow_env(benchmark, start, camera, image_size), start)
+             for start, queue in queues.items() for _ in range(min(envs_per_task, len(queue)))]
     result = EvalResult()
-    jobs: list[Job | None] = [None] * len(slots)
+    first: list[Job | None] = [None] * len(slots)  # each slot's job as given; `current` is its request now
+    current: list[Job | None] = [None] * len(slots)
     observations: list[dict | None] = [None] * len(slots)
+    held_when_asked: list[set[str]] = [set() for _ in slots]
+    reached: list[list[list[str]]] = [[] for _ in slots]
+    steps_taken = np.zeros(len(slots), dtype=int)
 
     def start_next(i: int) -> None:
-        env, task = slots[i]
-        jobs[i] = queues[task].pop(0) if queues[task] else None
-        if jobs[i] is not None:
-            goal = benchmark.goal(task, split, jobs[i].episode)
-            observations[i], _ = env.reset(options={"goal": goal})
+        env, start = slots[i]
+        first[i] = current[i] = queues[start].pop(0) if queues[start] else None
+        if first[i] is not None:
+            observations[i], info = env.reset(options={"goal": benchmark.goal(start, split, first[i].episode)})
+            goals = holding(info, start)
+            unscored = [task for task, _ in first[i].requests if task and task != start and task not in goals]
+            if unscored:
+                raise UserError(f"{benchmark.name}: its environments report no info['scene_success'], so an "
+                                f"episode in {start}'s scene cannot be scored for {unscored[0]}")
+            held_when_asked[i], reached[i], steps_taken[i] = {t for t, held in goals.items() if held}, [[]], 0
+            if watch:
+                watch(env, observations[i], None, info)
 
     for i in range(len(slots)):
         start_next(i)
-    steps_taken = np.zeros(len(slots), dtype=int)
     started = time.perf_counter()
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
-        progress_task = bar.add_task("eval", total=total)
+        progress_task = bar.add_task("eval", total=len(jobs))
         actor.reset(np.ones(len(slots), dtype=bool))
-        while any(job is not None for job in jobs):
+        while any(job is not None for job in current):
             # Every slot is in the batch (finished ones with their last observation) so the policy's
             # history rows stay aligned with the environments; only active slots are stepped.
             batch = {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
-            actions = actor(batch, [job or Job(task, benchmark.canonical_instruction(task), -1)
-                                    for job, (_, task) in zip(jobs, slots)])
+            actions = actor(batch, [job or Job(start, benchmark.canonical_instruction(start), -1)
+                                    for job, (_, start) in zip(current, slots)])
             finished = np.zeros(len(slots), dtype=bool)
-            for i, job in enumerate(jobs):
+            for i, job in enumerate(current):
                 if job is None:
                     continue
-                env = slots[i][0]
-                observations[i], _, terminated, truncated, info = env.step(
-                    np.clip(actions[i], env.action_space.low, env.action_space.high))
+                env, start = slots[i]
+                action = np.clip(actions[i], env.action_space.low, env.action_space.high)
+                observations[i], _, terminated, truncated, info = env.step(action)
+                if watch:
+                    watch(env, observations[i], action, info)
                 steps_taken[i] += 1
                 result.steps += 1
-                if info["success"] or terminated or truncated or steps_taken[i] >= env.max_episode_steps:
-                    result.successes.setdefault((job.task, job.instruction), []).append(bool(info["success"]))
-                    finished[i] = True
+                goals = holding(info, start)
+                reached[i][-1] += [t for t, held in goals.items()
+                                   if held and t not in held_when_asked[i] and t not in reached[i][-1]]
+                if job.task in reached[i][-1] and job.then:  # the next request, in the same episode
+                    current[i], held_when_asked[i] = job.next_request(), {t for t, held in goals.items() if held}
+                    reached[i].append([])
                     steps_taken[i] = 0
+                    env.restart_step_limit()
+                elif job.task in reached[i][-1] or terminated or truncated or steps_taken[i] >= env.max_episode_steps:
+                    outcome = Outcome(first[i], reached[i])
+                    result.outcomes.append(outcome)
+                    result.successes.setdefault((first[i].task, first[i].instruction), []).append(
+                        outcome.completed > 0)
+                    current[i], finished[i] = None, True
                     bar.advance(progress_task)
             if finished.any():
                 actor.reset(finished)
                 for i in np.flatnonzero(finished):
                     start_next(i)
     result.seconds = time.perf_counter() - started
-    for env, task in slots:
-        _IDLE_ENVS.setdefault((benchmark.name, task, camera, image_size), []).append(env)
+    for env, start in slots:
+        _IDLE_ENVS.setdefault((benchmark.name, start, camera, image_size), []).append(env)
     return result
 
 
