@@ -18,7 +18,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 # The smallest value each numeric option takes, checked for every subcommand that has it.
 SMALLEST = {"episodes_per_task": 1, "episodes": 1, "envs_per_task": 1, "workers": 1, "image_size": 1, "videos": 0,
             "episode": 0, "steps_after_success": 0, "action_noise": 0, "batches": 1, "batch_size": 1, "port": 0,
-            "max_sessions": 1}
+            "max_sessions": 1, "chain": 1}
 BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
                   "(MT10, MT50 and Meta-World task names alone also work), libero:goal (or libero:goal:TASK,TASK), "
                   "or my_package.module:ARG")
@@ -164,22 +164,42 @@ def _instruction_file(path: str, tasks: list[str]) -> dict[str, list[str]]:
 def cmd_eval(args) -> None:
     from pathlib import Path
 
+    import numpy as np
+
     from lcbc.benchmark import load_benchmark
     from lcbc.evaluation.report import markdown, play_episode, success_table, write_report
-    from lcbc.evaluation.rollout import ExpertActor, PolicyActor, rollout
+    from lcbc.evaluation.rollout import ExpertActor, Job, PolicyActor, rollout
+    from lcbc.evaluation.scene import random_chain
 
     benchmark = load_benchmark(args.benchmark)
     benchmark.check_split(args.split)
     tasks = benchmark.tasks
+    if args.obedience and args.chain:
+        raise UserError("--obedience and --chain are separate evaluations: give one")
+    if args.blind is not None and not args.obedience:
+        raise UserError("--blind adds a row to the --obedience table: give --obedience too")
+    if args.blind is not None and not args.blind.strip():
+        raise UserError("--blind: the instruction is empty")
+    if args.obedience and not set(tasks) <= set(benchmark.scene(tasks[0])):
+        raise UserError(f"--obedience: the tasks of {benchmark.name} do not share one scene; name some that do "
+                        "(e.g. libero:goal, or metaworld:drawer-open-v3,drawer-close-v3)")
+    if args.chain and random_chain(benchmark, tasks, args.chain, np.random.default_rng(0)) is None:
+        raise UserError(f"--chain {args.chain}: no {args.chain} tasks of {benchmark.name} can follow each other in "
+                        "one episode (the benchmark's can_follow)")
     instructions = None
     if args.instructions and args.instructions != "unseen":
         instructions = _instruction_file(args.instructions, tasks)
     policy = _load_policy(args.policy)
+    if args.blind is not None and policy.config["task_mode"] != "language":
+        raise UserError(f"--blind: the policy is conditioned on {policy.config['task_mode']}, not on words")
     if args.instructions == "unseen":  # the benchmark's phrasings this policy was never trained on
         known = set(policy.config["instructions"])
         instructions = {task: [text for text in benchmark.instructions(task) if text not in known] for task in tasks}
     camera, size = _policy_camera(policy, benchmark)
     actor = PolicyActor(policy)
+    if args.obedience or args.chain:
+        _eval_scene(args, benchmark, actor, instructions, camera, size)
+        return
     result = rollout(actor, benchmark, args.episodes, instructions, split=args.split,
                      envs_per_task=args.envs_per_task, camera=camera, image_size=size)
     has_expert = not args.no_expert and benchmark.expert(tasks[0]) is not None
@@ -198,8 +218,8 @@ def cmd_eval(args) -> None:
     for task in tasks if video_camera else []:
         for episode in range(args.videos):
             path = out / "videos" / f"{task}_{episode}.gif"
-            play_episode(actor, benchmark, task, benchmark.canonical_instruction(task), args.split, episode, path,
-                         video_camera, size if camera else 128)
+            play_episode(actor, benchmark, Job(task, benchmark.canonical_instruction(task), episode), args.split,
+                         path, video_camera, size if camera else 128)
             videos.append(path)
     Console().print(markdown(table))
     for text, nearest in table.get("nearest_training_instruction", {}).items():
@@ -213,54 +233,106 @@ def cmd_eval(args) -> None:
         print(f"no videos: {benchmark.name} renders no cameras")
 
 
+def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
+    """`eval --obedience` (the asked x reached table) or `eval --chain N` (success by chain length)."""
+    from pathlib import Path
+
+    from lcbc.evaluation import scene
+    from lcbc.evaluation.rollout import run_jobs
+
+    tasks = benchmark.tasks
+    phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
+    if args.obedience:
+        jobs = scene.obedience_jobs(tasks, args.episodes, phrasings, args.blind)
+    else:
+        jobs = scene.chain_jobs(benchmark, tasks, args.episodes, args.chain, phrasings)
+    result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, camera, size)
+    if args.obedience:
+        name, table = "obedience", scene.obedience_table(tasks, result.outcomes)
+        text, plot = scene.obedience_markdown(table), scene.obedience_heatmap
+    else:
+        name, table = "chains", scene.chain_table(args.chain, result.outcomes)
+        text, plot = scene.chain_markdown(table), scene.chain_plot
+    table["benchmark"], table["split"] = benchmark.name, args.split
+    out = Path(args.out)
+    scene.write_scene_report(name, table, text, plot, out)
+    Console().print(text)
+    print(f"{benchmark.name}, {args.split} split; report in {out}/{name}.md, chart {out}/{name}.png")
+
+
 def cmd_act(args) -> None:
     from pathlib import Path
 
     from lcbc.benchmark import load_benchmark
     from lcbc.evaluation.report import play_episode
-    from lcbc.evaluation.rollout import PolicyActor
+    from lcbc.evaluation.rollout import Job, PolicyActor
 
     benchmark = load_benchmark(args.benchmark)
     benchmark.check_split(args.split)
     if args.task not in benchmark.tasks:
         raise UserError(f"--task: {args.task!r} is not a task of {benchmark.name} ({', '.join(benchmark.tasks[:5])}"
                         f"{', ...' if len(benchmark.tasks) > 5 else ''})")
-    if not args.instruction.strip():
+    if not all(text.strip() for text in args.instruction):
         raise UserError("the instruction is empty")
+    scene = benchmark.scene(args.task)
+    chains = any(benchmark.can_follow(first, second) for first in scene for second in scene)
+    if len(args.instruction) > 1 and not chains:
+        raise UserError(f"several instructions: no tasks of {args.task}'s scene in {benchmark.name} can follow each "
+                        "other in one episode (the benchmark's can_follow)")
     policy = _load_policy(args.policy)
+    language = policy.config["task_mode"] == "language"
+    if len(args.instruction) > 1 and not language:
+        raise UserError(f"several instructions: the policy is conditioned on {policy.config['task_mode']}, not on "
+                        "words")
     camera, size = _policy_camera(policy, benchmark)
     video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
     if args.video and video_camera is None:
         raise UserError(f"--video: {benchmark.name} renders no cameras")
     video = (Path(args.video) if args.video else Path(f"{args.task}.gif")) if video_camera else None
-    asked, nearest = args.task, ""
-    if policy.config["task_mode"] == "language":
-        text, cosine = policy.task_encoder.nearest_instruction(args.instruction)
-        nearest = f" (nearest training instruction {text!r}, cosine {cosine:.2f})"
-        scene = benchmark.scene(args.task)
-        asked = next((task for words in (args.instruction, text) for task in scene
-                      if words in benchmark.instructions(task)), None)
-    success, record = play_episode(PolicyActor(policy), benchmark, args.task, args.instruction, args.split,
-                                   args.episode, video, video_camera, size if camera else 128)
-    reached = _reached_tasks(benchmark, args.task, success, record)
-    print(f"instruction {args.instruction!r} asks for {asked or 'no task of this scene'}{nearest}")
-    print(f"{args.task}'s scene, {len(record['actions'])} steps: reached {', '.join(reached) or 'no task'}'s goal"
-          + (f"; video: {video}" if video else ""))
-    if asked is not None:
-        print("succeeded: the episode reached the task asked for" if asked in reached else
-              f"mismatch: asked for {asked}, " + (f"reached {', '.join(reached)} instead" if reached else
-                                                  "reached no task's goal"))
+    asked = []
+    for words in args.instruction:
+        task, nearest = args.task, ""
+        if language:
+            text, cosine = policy.task_encoder.nearest_instruction(words)
+            nearest = f" (nearest training instruction {text!r}, cosine {cosine:.2f})"
+            task = next((task for phrase in (words, text) for task in scene if phrase in benchmark.instructions(task)),
+                        None)
+        print(f"instruction {words!r} asks for {task or 'no task of this scene'}{nearest}")
+        asked.append(task)
+    if chains:  # the scene scores every task: each request ends when its own goal is reached
+        requests = [(task or "", words) for task, words in zip(asked, args.instruction)]
+        job = Job(*requests[0], args.episode, args.task, tuple(requests[1:]))
+    else:
+        job = Job(args.task, args.instruction[0], args.episode)
+    outcome, record = play_episode(PolicyActor(policy), benchmark, job, args.split, video, video_camera,
+                                   size if camera else 128)
+    print(f"{args.task}'s scene, {len(record['actions'])} steps" + (f"; video: {video}" if video else ""))
+    reached = outcome.reached if chains else [_reached_tasks(benchmark, args.task, outcome, record)]
+    for number, (words, task) in enumerate(zip(args.instruction, asked)):
+        if number >= len(reached):
+            print(f"{words!r}: not given, the request before it was not done")
+            continue
+        done = reached[number]
+        if task in done:
+            verdict = "succeeded: the episode reached the task asked for"
+        elif task is None:
+            verdict = "asked for no task of this scene"
+        else:
+            verdict = f"mismatch: asked for {task}, " + (f"reached {', '.join(done)} instead" if done else
+                                                        "reached no task's goal")
+        print(f"{words!r}: reached {', '.join(done) or 'no task'}'s goal; {verdict}")
 
 
-def _reached_tasks(benchmark, task: str, success: bool, record: dict) -> list[str]:
-    """The scene's tasks whose goal an episode reached: its own by info["success"], the others' scored on its
-    stored simulator states where the benchmark has a scorer (a success it started with does not count)."""
+def _reached_tasks(benchmark, task: str, outcome, record: dict) -> list[str]:
+    """The scene's tasks whose goal an episode in `task`'s scene reached: as the episode scored them, and the
+    others scored on its stored simulator states where the benchmark has a scorer (a success it started with
+    does not count)."""
     import numpy as np
 
     from lcbc.rl.replay import Episode, newly_reached
 
-    reached = [task] if success else []
-    others = [other for other in benchmark.scene(task) if other != task]
+    reached = outcome.reached[0]
+    others = [other for other in benchmark.scene(task) if other not in reached and other != task]
     scorer = benchmark.scorer([task, *others]) if others and record["states"] else None
     if scorer is None:
         return reached
@@ -352,13 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="eval")
     evaluate.add_argument("--envs-per-task", type=int, default=10)
     evaluate.add_argument("--no-expert", action="store_true", help="skip the scripted expert's reference run")
+    evaluate.add_argument("--obedience", action="store_true", help="tasks sharing one scene (libero:goal): from the "
+                          "same starts, every task's instructions; table of which task's goal each reached")
+    evaluate.add_argument("--blind", metavar="INSTRUCTION", help="with --obedience: a control row, this one "
+                          "instruction on the same starts")
+    evaluate.add_argument("--chain", type=int, metavar="N", help="--episodes random chains of N tasks that can follow "
+                          "each other, asked for one after another in one episode; success by chain length 1..N")
     evaluate.set_defaults(run=cmd_eval)
 
-    act = commands.add_parser("act", help="run one episode following a natural-language instruction")
+    act = commands.add_parser("act", help="run one episode following natural-language instructions, one after "
+                              "another")
     act.add_argument("--policy", required=True)
     act.add_argument("--benchmark", default="metaworld:MT50", help=BENCHMARK_HELP + " (default metaworld:MT50)")
     act.add_argument("--task", required=True, help="the task whose scene the episode runs in, e.g. drawer-open-v3")
-    act.add_argument("instruction")
+    act.add_argument("instruction", nargs="+", help="several: each given once the one before is done (scenes whose "
+                     "tasks can follow each other, libero:goal)")
     act.add_argument("--video", help="GIF path (default: <task>.gif)")
     act.add_argument("--split", default="validation", help="the split whose goal variation the scene takes")
     act.add_argument("--episode", type=int, default=0, help="which goal variation of the split")

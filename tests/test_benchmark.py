@@ -73,18 +73,70 @@ class PointMass(Benchmark):
         return np.linalg.norm(np.asarray(achieved) - goal, axis=-1) < 0.1
 
 
+# ---- the same corners in one scene: the state shows no target, so only the words say which corner --------
+
+
+class SharedCornersEnv(PointMassEnv):
+    def __init__(self, task: str):
+        super().__init__(task)
+        self.max_episode_steps = 20  # a chain of both corners takes more: each request has its own limit
+
+    def _obs(self):
+        return {"state": np.concatenate([self.position, [0.0, 0.0]]).astype(np.float32)}
+
+    def scene_success(self) -> dict[str, bool]:
+        return {f"reach-{name}": bool(np.linalg.norm(self.position - corner) < 0.1) for name, corner in CORNERS.items()}
+
+    def reset(self, *, seed=None, options=None):
+        obs, _ = super().reset(options=options)
+        return obs, {"scene_success": self.scene_success()}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, dict(info, scene_success=self.scene_success())
+
+    def restart_step_limit(self):
+        self.steps = 0
+
+
+class SharedCorners(PointMass):
+    name = "pointmass-scene"
+
+    def make_env(self, task, camera=None, image_size=64):
+        return SharedCornersEnv(task)
+
+    def expert(self, task):
+        corner = np.array(CORNERS[task.split("-")[1]])
+        return lambda obs: np.clip(5 * (corner - obs["state"][:2]), -1, 1)
+
+    def scene(self, task):
+        return tuple(self.tasks)
+
+    def can_follow(self, first, second):
+        return first != second
+
+
 # ---- the tests -----------------------------------------------------------------------------------------
 
 
-def test_a_users_benchmark_runs_through_every_stage(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pointmass_run(tmp_path_factory):
+    """Demonstrations of the point mass and a policy trained on them, as a user makes them."""
     register_benchmark("pointmass", lambda argument: PointMass())
+    register_benchmark("pointmass-scene", lambda argument: SharedCorners())
+    tmp_path = tmp_path_factory.mktemp("pointmass")
     demos, run = tmp_path / "pointmass.hdf5", tmp_path / "run"
     main(["collect", "--benchmark", "pointmass", "--episodes-per-task", "6", "--out", str(demos), "--workers", "1"])
-    main(["inspect", str(demos)])
-    assert "go to the red corner" in capsys.readouterr().out
     main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--data.paths", f"[{demos}]",
           "--trainer.default_root_dir", str(run), "--trainer.max_steps", "30"])
     main(["export", str(run / "checkpoints" / "last.ckpt"), str(run / "policy")])
+    return demos, run
+
+
+def test_a_users_benchmark_runs_through_every_stage(pointmass_run, tmp_path, capsys):
+    demos, run = pointmass_run
+    main(["inspect", str(demos)])
+    assert "go to the red corner" in capsys.readouterr().out
     main(["eval", "--policy", str(run / "policy"), "--benchmark", "pointmass", "--episodes", "3", "--split", "test",
           "--out", str(tmp_path / "eval")])
     table = json.loads((tmp_path / "eval" / "success.json").read_text())
@@ -160,3 +212,39 @@ def test_importing_the_generic_stages_changes_no_environment_variable():
             "assert not [m for m in sys.modules if m.startswith(('metaworld', 'lcbc.benchmarks'))]\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_chained_requests_are_scored_from_the_scene_and_each_gets_the_step_limit():
+    from lcbc.evaluation.rollout import ExpertActor, Job, run_jobs
+
+    benchmark = SharedCorners()
+    jobs = [Job("reach-red", "go to the red corner", e, then=(("reach-blue", "go to the blue corner"),))
+            for e in range(3)]
+    result = run_jobs(ExpertActor(benchmark), benchmark, jobs, "test", envs_per_task=2, progress=False)
+    assert [outcome.completed for outcome in result.outcomes] == [2, 2, 2]
+    assert all(outcome.reached == [["reach-red"], ["reach-blue"]] for outcome in result.outcomes)
+    assert result.steps > 3 * SharedCornersEnv("reach-red").max_episode_steps  # past the limit of one request
+
+
+def test_obedience_chains_and_several_instructions_from_the_command_line(pointmass_run, tmp_path, capsys):
+    policy = str(pointmass_run[1] / "policy")
+    main(["eval", "--policy", policy, "--benchmark", "pointmass-scene", "--obedience", "--blind", "go somewhere",
+          "--episodes", "2", "--out", str(tmp_path)])
+    table = json.loads((tmp_path / "obedience.json").read_text())
+    assert list(table["rows"]) == ["reach-red", "reach-blue", "blind: 'go somewhere'"]
+    assert table["episodes"] == {row: 2 for row in table["rows"]} and table["split"] == "validation"
+    assert (tmp_path / "obedience.png").stat().st_size > 1000
+    assert "| 0 reach-red |" in (tmp_path / "obedience.md").read_text()
+    main(["eval", "--policy", policy, "--benchmark", "pointmass-scene", "--chain", "2", "--episodes", "3",
+          "--instructions", "unseen", "--out", str(tmp_path)])
+    chains = json.loads((tmp_path / "chains.json").read_text())
+    assert list(chains["success_by_length"]) == ["1", "2"] and len(chains["episodes"]) == 3
+    assert chains["success_by_length"]["1"] >= chains["success_by_length"]["2"]
+    assert all(text.startswith("move to") for chain in chains["episodes"] for text in chain["instructions"])
+    assert (tmp_path / "chains.png").exists() and "| 2 |" in (tmp_path / "chains.md").read_text()
+    capsys.readouterr()
+    main(["act", "--policy", policy, "--benchmark", "pointmass-scene", "--task", "reach-red", "go to the red corner",
+          "go to the blue corner"])
+    out = capsys.readouterr().out
+    assert "'go to the blue corner' asks for reach-blue" in out and "'go to the red corner': reached" in out
+    assert "'go to the blue corner': " in out

@@ -90,11 +90,12 @@ def test_act_says_plainly_when_the_episode_did_not_do_what_was_asked(trained_pol
 def test_reached_tasks_score_the_scenes_other_tasks():
     from lcbc.cli import _reached_tasks
     from lcbc.evaluation.report import play_episode
+    from lcbc.evaluation.rollout import Job
 
     benchmark = load_benchmark("metaworld:drawer-open-v3,drawer-close-v3")
     for task in benchmark.tasks:  # each expert reaches its own goal; the other task held from the start
-        success, record = play_episode(ExpertActor(benchmark), benchmark, task, "x", "validation")
-        assert success and _reached_tasks(benchmark, task, success, record) == [task]
+        outcome, record = play_episode(ExpertActor(benchmark), benchmark, Job(task, "x", 0), "validation")
+        assert outcome.completed == 1 and _reached_tasks(benchmark, task, outcome, record) == [task]
 
 
 def test_bad_inputs_exit_2(trained_policy, tmp_path, capsys):
@@ -115,6 +116,15 @@ def test_bad_inputs_exit_2(trained_policy, tmp_path, capsys):
                          "'reach'"),
                         (["eval", "--policy", policy, "--benchmark", "reach-v3", "--instructions", str(empty)],
                          "non-empty"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--chain", "2"], "--chain 2"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--blind", "x"], "--blind"),
+                        (["eval", "--policy", policy, "--benchmark", "MT10", "--obedience"], "--obedience"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--obedience", "--chain", "1"],
+                         "--obedience and --chain"),
+                        (["eval", "--policy", policy, "--benchmark", "drawer-open-v3,drawer-close-v3", "--obedience",
+                          "--episodes", "1", "--out", str(tmp_path / "o")], "scene_success"),
+                        (["act", "--policy", policy, "--task", "reach-v3", "reach the goal", "push the puck"],
+                         "several instructions"),
                         (["act", "--policy", policy, "--task", "nope-v3", "x"], "--task"),
                         (["act", "--policy", policy, "--task", "reach-v3", " "], "empty"),
                         (["act", "--policy", policy, "--task", "reach-v3", ""], "empty")):
@@ -161,6 +171,7 @@ def test_help_lists_every_subcommand(capsys):
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--episodes", "0"], "--episodes"),
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--envs-per-task", "0"], "--envs-per-task"),
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--videos", "-1"], "--videos"),
+    (["eval", "--policy", "p", "--benchmark", "reach-v3", "--chain", "0"], "--chain"),
     (["act", "--policy", "p", "--task", "reach-v3", "reach", "--episode", "-1"], "--episode"),
     (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--image-size", "0"], "--image-size"),
     (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--workers", "0"], "--workers"),

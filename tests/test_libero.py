@@ -92,3 +92,52 @@ def test_a_drawer_and_a_pick_and_place_expert_succeed(benchmark, task):
         assert all(run_expert(benchmark, env, task, benchmark.goal(task, "train", index)) for index in (7, 8))
     finally:
         env.close()
+
+
+def test_the_scene_reports_which_of_its_ten_goals_hold(benchmark, env):
+    """Every LIBERO-Goal BDDL file names the same objects and regions, so one environment scores all ten goals."""
+    obs, info = env.reset(options={"goal": benchmark.goal(TASK, "train", 0)})
+    assert set(info["scene_success"]) == set(benchmark.tasks) and not any(info["scene_success"].values())
+    expert = benchmark.expert(TASK)
+    for _ in range(env.max_episode_steps):
+        obs, _, _, _, info = env.step(expert(obs))
+        assert info["scene_success"][TASK] == info["success"]
+        if info["success"]:
+            break
+    assert [task for task, held in info["scene_success"].items() if held] == [TASK]
+
+
+def test_tasks_can_follow_each_other_when_their_goals_involve_disjoint_objects(benchmark):
+    drawer, bowl_on_stove = "open-the-middle-drawer-of-the-cabinet", "put-the-bowl-on-the-stove"
+    assert benchmark.can_follow(TASK, drawer) and benchmark.can_follow(drawer, TASK)
+    assert not benchmark.can_follow(TASK, bowl_on_stove)  # both involve the stove
+    assert not benchmark.can_follow(drawer, "put-the-wine-bottle-on-top-of-the-cabinet")  # the cabinet
+    assert not benchmark.can_follow(TASK, TASK)
+    assert not load_benchmark("libero:spatial").can_follow(*load_benchmark("libero:spatial").tasks[:2])
+
+
+def test_experts_do_two_chained_requests_in_one_episode(benchmark):
+    """Open the middle drawer, then, with no reset, turn on the stove: the second request starts once the first
+    goal holds, and each request's reached goals are its own."""
+    from lcbc.evaluation.rollout import ExpertActor, Job, run_jobs
+
+    drawer = "open-the-middle-drawer-of-the-cabinet"
+    job = Job(drawer, "open the middle drawer of the cabinet", 0, start=TASK, then=((TASK, "turn on the stove"),))
+    result = run_jobs(ExpertActor(benchmark), benchmark, [job], "train", progress=False)
+    (outcome,) = result.outcomes
+    assert outcome.completed == 2 and outcome.reached == [[drawer], [TASK]]
+    assert result.successes == {(drawer, "open the middle drawer of the cabinet"): [True]}
+
+
+def test_experts_obey_every_instruction_from_the_same_starts():
+    """The obedience table of two experts is the identity: each reaches its own goal and not the other's."""
+    from lcbc.evaluation.rollout import ExpertActor, run_jobs
+    from lcbc.evaluation.scene import obedience_jobs, obedience_table
+
+    drawer = "open-the-middle-drawer-of-the-cabinet"
+    pair = load_benchmark(f"libero:goal:{TASK},{drawer}")
+    jobs = obedience_jobs(pair.tasks, 2, {task: [pair.canonical_instruction(task)] for task in pair.tasks})
+    assert {(job.start, job.episode) for job in jobs} == {(TASK, 0), (drawer, 1)}  # the same starts for each
+    table = obedience_table(pair.tasks, run_jobs(ExpertActor(pair), pair, jobs, "train", progress=False).outcomes)
+    assert table["rows"] == {TASK: {TASK: 1.0, drawer: 0.0}, drawer: {TASK: 0.0, drawer: 1.0}}
+    assert table["obedience"] == 1.0 and table["episodes"] == {TASK: 2, drawer: 2}
