@@ -140,6 +140,17 @@ def test_session_keeps_history_and_reset_clears_it(client, reference):
     np.testing.assert_array_equal(np.float32(_act(client, second, session_id="episode-a")["action"]), fresh)
 
 
+def test_a_session_takes_the_next_instruction_of_a_chain_with_its_history(client, reference):
+    """Chained requests need nothing new: the client, who sees when a goal is reached, sends the next
+    instruction in the same session, and the history window carries over as in `lcbc eval --chain`."""
+    first, second = _observation(4), _observation(5)
+    _act(client, first, "open the drawer", session_id="chain")
+    chained = _act(client, second, "close the drawer", session_id="chain")
+    reference.reset()
+    reference.act(first, "open the drawer")
+    np.testing.assert_array_equal(np.float32(chained["action"]), reference.act(second, "close the drawer"))
+
+
 def test_reset_unknown_session_is_404(client):
     response = client.post("/reset", json={"session_id": "never-used"})
     assert response.status_code == 404 and "session_id" in response.json()["detail"]

@@ -7,6 +7,10 @@ Why it is built this way:
 * The policy keeps its observation history inside itself (`policy._history`). The server keeps one
   saved history per session id and swaps it in and out around each call, under the lock, so many
   clients (episodes) share one network without sharing a history window.
+* Chained requests ("open the drawer", then "turn on the stove", one episode) need no endpoint of their
+  own: the instruction comes with every /act call, so a client sends the next one in the same session
+  once it sees the goal reached, and the history window carries over. Only the client, which holds the
+  simulator or robot, can tell when a goal is reached.
 * Every request is validated here, before the policy sees it, so a client's mistake is a 4xx JSON error
   whose `detail` names the field, never a 500 or a crashed worker.
 * Heavy imports (torch, FastAPI) happen inside the functions, so `lcbc --help` stays fast when the CLI
