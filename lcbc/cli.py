@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", required=True, help=BENCHMARK_HELP)
     evaluate.add_argument("--split", default="validation", help="goal variations: validation (choosing "
                           "recipes; the default) or test (the numbers to report, once)")
-    evaluate.add_argument("--episodes", type=int, default=50, help="goal variations per task (and phrasing)")
+    evaluate.add_argument("--episodes", type=int, default=50, help="goal variations per task (and phrasing); with "
+                          "--obedience the starts each instruction gets, with --chain the number of chains")
     evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try; "
                           "'unseen': the built-in paraphrases the policy was not trained on")
     evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
