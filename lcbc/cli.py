@@ -234,11 +234,12 @@ def cmd_eval(args) -> None:
 
 
 def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
-    """`eval --obedience` (the asked x reached table) or `eval --chain N` (success by chain length)."""
+    """`eval --obedience` (the asked x reached table) or `eval --chain N` (success by chain length, beside the
+    scripted experts' on the same chains when every task has one)."""
     from pathlib import Path
 
     from lcbc.evaluation import scene
-    from lcbc.evaluation.rollout import run_jobs
+    from lcbc.evaluation.rollout import ExpertActor, run_jobs
 
     tasks = benchmark.tasks
     phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
@@ -251,7 +252,10 @@ def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
         name, table = "obedience", scene.obedience_table(tasks, result.outcomes)
         text, plot = scene.obedience_markdown(table), scene.obedience_heatmap
     else:
-        name, table = "chains", scene.chain_table(args.chain, result.outcomes)
+        has_expert = not args.no_expert and all(benchmark.expert(task) is not None for task in tasks)
+        expert = run_jobs(ExpertActor(benchmark), benchmark, jobs, args.split, args.envs_per_task,
+                          progress=False) if has_expert else None
+        name, table = "chains", scene.chain_table(args.chain, result.outcomes, expert and expert.outcomes)
         text, plot = scene.chain_markdown(table), scene.chain_plot
     table["benchmark"], table["split"] = benchmark.name, args.split
     out = Path(args.out)

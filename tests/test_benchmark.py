@@ -240,6 +240,7 @@ def test_obedience_chains_and_several_instructions_from_the_command_line(pointma
     chains = json.loads((tmp_path / "chains.json").read_text())
     assert list(chains["success_by_length"]) == ["1", "2"] and len(chains["episodes"]) == 3
     assert chains["success_by_length"]["1"] >= chains["success_by_length"]["2"]
+    assert chains["expert_success_by_length"] == {"1": 1.0, "2": 1.0}  # the experts on the same chains
     assert all(text.startswith("move to") for chain in chains["episodes"] for text in chain["instructions"])
     assert (tmp_path / "chains.png").exists() and "| 2 |" in (tmp_path / "chains.md").read_text()
     capsys.readouterr()

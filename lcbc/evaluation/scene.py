@@ -114,30 +114,44 @@ def chain_jobs(benchmark, tasks: list[str], episodes: int, length: int,
     return jobs
 
 
-def chain_table(length: int, outcomes) -> dict:
-    done = np.array([outcome.completed for outcome in outcomes])
-    return {"length": length, "chains": len(outcomes),
-            "success_by_length": {k: float(np.mean(done >= k)) for k in range(1, length + 1)},
-            "episodes": [{"tasks": [task for task, _ in outcome.job.requests],
-                          "instructions": [text for _, text in outcome.job.requests],
-                          "completed": outcome.completed} for outcome in outcomes]}
+def chain_table(length: int, outcomes, expert_outcomes=None) -> dict:
+    """The fraction of chains whose first k requests were done, k = 1..length; with the expert's on the same
+    chains when given."""
+    def by_length(outcomes) -> dict[int, float]:
+        done = np.array([outcome.completed for outcome in outcomes])
+        return {k: float(np.mean(done >= k)) for k in range(1, length + 1)}
+
+    table = {"length": length, "chains": len(outcomes), "success_by_length": by_length(outcomes),
+             "episodes": [{"tasks": [task for task, _ in outcome.job.requests],
+                           "instructions": [text for _, text in outcome.job.requests],
+                           "completed": outcome.completed} for outcome in outcomes]}
+    if expert_outcomes:
+        table["expert_success_by_length"] = by_length(expert_outcomes)
+    return table
 
 
 def chain_markdown(table: dict) -> str:
-    lines = ["| chain length | chains completed |", "|---:|---:|"]
-    lines += [f"| {k} | {100 * rate:.1f}% |" for k, rate in table["success_by_length"].items()]
+    expert = table.get("expert_success_by_length")
+    lines = ["| chain length | chains completed |" + (" expert |" if expert else ""),
+             "|---:|---:|" + ("---:|" if expert else "")]
+    lines += [f"| {k} | {100 * rate:.1f}% |" + (f" {100 * expert[k]:.1f}% |" if expert else "")
+              for k, rate in table["success_by_length"].items()]
     return "\n".join(lines) + f"\n\n{table['chains']} chains; length k counts those whose first k requests were done.\n"
 
 
 def chain_plot(table: dict, path: Path) -> None:
     plt = _pyplot()
-    lengths, rates = zip(*table["success_by_length"].items())
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(lengths, [100 * rate for rate in rates], marker="o")
-    ax.set_xticks(lengths)
+    for key, label, color in (("success_by_length", "policy", None), ("expert_success_by_length", "scripted expert",
+                                                                       "gray")):
+        if key in table:
+            lengths, rates = zip(*table[key].items())
+            ax.plot(lengths, [100 * rate for rate in rates], marker="o", label=label, color=color)
+    ax.set_xticks(list(table["success_by_length"]))
     ax.set_xlabel("requests in a row")
     ax.set_ylabel("chains completed (%)")
     ax.set_ylim(0, 105)
+    ax.legend(frameon=False)
     ax.set_title(f"chained requests ({table['chains']} chains)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
