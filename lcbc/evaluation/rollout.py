@@ -1,8 +1,8 @@
 """Roll policies out on a benchmark and measure success per task (and per phrasing).
 
-Many environments are stepped together with one batched policy call per step: every task gets
-`envs_per_task` environments, each runs its share of the split's goals one after another, and a
-finished environment takes the next goal of its task while the others keep going. The horizon is the
+Many environments are stepped together with one batched policy call per step: every task whose goal
+variations episodes start on gets `envs_per_task` environments, each runs its share of the jobs one after
+another, and a finished environment takes the next while the others keep going. The horizon is the
 environment's `max_episode_steps`.
 
 A job asks for a task; the episode ends when that task's goal is newly reached: it holds at a step and did
