@@ -217,10 +217,15 @@ def test_importing_the_generic_stages_changes_no_environment_variable():
 def test_chained_requests_are_scored_from_the_scene_and_each_gets_the_step_limit():
     from lcbc.evaluation.rollout import ExpertActor, Job, run_jobs
 
-    benchmark = SharedCorners()
+    class ForgetfulExpert(ExpertActor):
+        def reset(self, done):
+            self.forgotten = getattr(self, "forgotten", 0) + int(done.sum())
+
+    benchmark, actor = SharedCorners(), ForgetfulExpert(SharedCorners())
     jobs = [Job("reach-red", "go to the red corner", e, then=(("reach-blue", "go to the blue corner"),))
             for e in range(3)]
-    result = run_jobs(ExpertActor(benchmark), benchmark, jobs, "test", envs_per_task=2, progress=False)
+    result = run_jobs(actor, benchmark, jobs, "test", envs_per_task=2, progress=False)
+    assert actor.forgotten == 2 + 3  # the history of 2 environments at the start and after each episode, not link
     assert [outcome.completed for outcome in result.outcomes] == [2, 2, 2]
     assert all(outcome.reached == [["reach-red"], ["reach-blue"]] for outcome in result.outcomes)
     assert result.steps > 3 * SharedCornersEnv("reach-red").max_episode_steps  # past the limit of one request
@@ -229,9 +234,10 @@ def test_chained_requests_are_scored_from_the_scene_and_each_gets_the_step_limit
 def test_obedience_chains_and_several_instructions_from_the_command_line(pointmass_run, tmp_path, capsys):
     policy = str(pointmass_run[1] / "policy")
     main(["eval", "--policy", policy, "--benchmark", "pointmass-scene", "--obedience", "--blind", "go somewhere",
-          "--episodes", "2", "--out", str(tmp_path)])
+          "--episodes", "2", "--instructions", "unseen", "--out", str(tmp_path)])
     table = json.loads((tmp_path / "obedience.json").read_text())
-    assert list(table["rows"]) == ["reach-red", "reach-blue", "blind: 'go somewhere'"]
+    assert list(table["rows"]) == ["reach-red", "reach-blue", "blind: 'go somewhere'"]  # a task's phrasings pooled
+    assert list(table["by_instruction"]) == ["move to the red one", "move to the blue one", "go somewhere"]
     assert table["episodes"] == {row: 2 for row in table["rows"]} and table["split"] == "validation"
     assert (tmp_path / "obedience.png").stat().st_size > 1000
     assert "| 0 reach-red |" in (tmp_path / "obedience.md").read_text()
