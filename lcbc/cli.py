@@ -176,6 +176,8 @@ def cmd_eval(args) -> None:
     tasks = benchmark.tasks
     if args.obedience and args.chain:
         raise UserError("--obedience and --chain are separate evaluations: give one")
+    if (args.obedience or args.chain) and args.videos:
+        raise UserError("--videos records the per-task evaluation; lcbc act --video records a chain of instructions")
     if args.blind is not None and not args.obedience:
         raise UserError("--blind adds a row to the --obedience table: give --obedience too")
     if args.blind is not None and not args.blind.strip():

@@ -118,6 +118,8 @@ def test_bad_inputs_exit_2(trained_policy, tmp_path, capsys):
                          "non-empty"),
                         (["eval", "--policy", policy, "--benchmark", "reach-v3", "--chain", "2"], "--chain 2"),
                         (["eval", "--policy", policy, "--benchmark", "reach-v3", "--blind", "x"], "--blind"),
+                        (["eval", "--policy", policy, "--benchmark", "reach-v3", "--chain", "1", "--videos", "1"],
+                         "--videos"),
                         (["eval", "--policy", policy, "--benchmark", "MT10", "--obedience"], "--obedience"),
                         (["eval", "--policy", policy, "--benchmark", "reach-v3", "--obedience", "--chain", "1"],
                          "--obedience and --chain"),
