@@ -98,7 +98,7 @@ class Benchmark:
 
     def can_follow(self, first: str, second: str) -> bool:
         """Whether `second` may be asked for in the same episode once `first`'s goal is reached, with neither
-        goal needing or undoing the other (see the module docstring). None by default: no chains."""
+        goal needing or undoing the other (see the module docstring). No pair by default: no chains."""
         return False
 
     def canonical_instruction(self, task: str) -> str:
