@@ -37,6 +37,9 @@ DRAWER_OPENED = -0.155  # LIBERO counts a drawer open below -0.14; its joint sto
 HANDLE_HELD = (0.006, 0.02)  # finger openings of a grip on the 1.6 cm handle bar; below it, they slipped off
 KNOB_ON, KNOB_LEVER = 0.7, 0.03  # LIBERO counts the stove on from 0.5 rad; where on the pointer to push
 PUSH_Z = 0.945  # the site's height that puts the fingertips across the knob's pointer
+STOVE_FRONT = np.array([-0.03, 0.225])  # LIBERO's main_table_stove_front_region: its centre, +-4 cm in x and y
+PLATE_TOLERANCE, PLATE_PUSH_STEP, PLATE_LANE_X = 0.015, 0.0125, 0.07
+PLATE_FLOOR, PLATE_PUSH_Z = 0.06, 0.908  # about the rim's radius; fingertips on the plate's floor
 
 
 @dataclass
@@ -170,6 +173,25 @@ def turn_on_stove(scene: Scene) -> Move:
     return toward(scene, start, CLOSE, PUSH_Z + 0.06, reach=0.008)
 
 
+def push_plate(scene: Scene) -> Move:
+    """Closed fingers down inside the plate, then on toward the region in front of the stove: the rim, caught
+    from the inside, cannot slip away sideways as it would from a push from outside."""
+    plate, goal = scene.pos(PLATE), STOVE_FRONT
+    if np.linalg.norm(plate[:2] - goal[:2]) < PLATE_TOLERANCE:
+        return Move(np.array([*scene.eef[:2], PLATE_PUSH_Z + 0.1]), CLOSE)
+    inside = np.linalg.norm(scene.eef[:2] - plate[:2]) < PLATE_FLOOR and scene.eef[2] < PLATE_PUSH_Z + 0.02
+    if inside:  # the hand slides to the line through the plate's centre along the way left, at half speed:
+        # faster, the fingers hop over the rim; off that line, the rim slants them up and the plate sideways
+        way = goal[:2] - plate[:2]
+        way /= np.linalg.norm(way)
+        ahead = (scene.eef[:2] - plate[:2]) @ way
+        aim = np.array([*(goal[:2] + ahead * way), PLATE_PUSH_Z]) - scene.eef
+        if scene.eef[2] > PLATE_PUSH_Z + 0.009:  # down onto the floor first: higher, the fingertips pass the rim
+            aim[:2] = 0
+        return Move(scene.eef + aim * min(1.0, PLATE_PUSH_STEP / np.linalg.norm(aim)), CLOSE)
+    return toward(scene, np.array([*plate[:2], PLATE_PUSH_Z]), CLOSE, PLATE_PUSH_Z + 0.08, reach=0.008)
+
+
 def burner(scene: Scene) -> np.ndarray:
     return scene.pos(STOVE) + np.array([0.15, 0, 0])
 
@@ -198,6 +220,7 @@ EXPERTS: dict[str, Callable[[Scene], Move]] = {
                                                     AT_BOWL_RIM),
     "put-the-cream-cheese-in-the-bowl": PickPlace(CHEESE, CHEESE_BODY, lambda scene: scene.pos(BOWL), 0.045, 1.05,
                                                   CHEESE_HELD),
+    "push-the-plate-to-the-front-of-the-stove": push_plate,
     "put-the-wine-bottle-on-top-of-the-cabinet": PickPlace(BOTTLE, BOTTLE_NECK, cabinet_top, 0.015, 1.3, NECK_HELD,
                                                            0.05),
 }
