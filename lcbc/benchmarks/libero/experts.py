@@ -37,8 +37,10 @@ DRAWER_OPENED = -0.155  # LIBERO counts a drawer open below -0.14; its joint sto
 HANDLE_HELD = (0.006, 0.02)  # finger openings of a grip on the 1.6 cm handle bar; below it, they slipped off
 KNOB_ON, KNOB_LEVER = 0.7, 0.03  # LIBERO counts the stove on from 0.5 rad; where on the pointer to push
 PUSH_Z = 0.945  # the site's height that puts the fingertips across the knob's pointer
-STOVE_FRONT = np.array([-0.03, 0.225])  # LIBERO's main_table_stove_front_region: its centre, +-4 cm in x and y
-PLATE_TOLERANCE, PLATE_PUSH_STEP, PLATE_LANE_X = 0.015, 0.0125, 0.07
+# Inside LIBERO's main_table_stove_front_region (centre -0.05, 0.21; +-4 cm in x and y), 2 cm off its centre
+# away from the stove: a plate pushed to the centre jams the cream cheese against the stove and rides up on it.
+STOVE_FRONT = np.array([-0.03, 0.225])
+PLATE_TOLERANCE, PLATE_PUSH_STEP = 0.015, 0.0125
 PLATE_FLOOR, PLATE_PUSH_Z = 0.06, 0.908  # about the rim's radius; fingertips on the plate's floor
 
 
