@@ -33,7 +33,8 @@ AT_BOWL_RIM = Rotation.from_euler("z", np.pi / 3) * DOWN  # the other way round,
 BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bottle_1", "plate_1"
 CABINET, STOVE = "wooden_cabinet_1", "flat_stove_1"
 DRAWER_HANDLE_Z = {"top": 0.184, "middle": 0.110, "bottom": 0.042}  # above the cabinet's origin
-DRAWER_OPENED = -0.155  # LIBERO counts a drawer open below -0.14; its joint stops at -0.16
+DRAWER_OPENED, DRAWER_COUNTED_OPEN = -0.155, -0.14  # LIBERO counts a drawer open below -0.14; it stops at -0.16
+CLEAR_OF_HANDLE = np.array([0, 0.12, 0.04])  # where the hand backs off to from an opened drawer's handle
 HANDLE_HELD = (0.006, 0.02)  # finger openings of a grip on the 1.6 cm handle bar; below it, they slipped off
 KNOB_ON, KNOB_LEVER = 0.7, 0.03  # LIBERO counts the stove on from 0.5 rad; where on the pointer to push
 PUSH_Z = 0.945  # the site's height that puts the fingertips across the knob's pointer
@@ -96,6 +97,11 @@ class Expert:
         return np.concatenate([position, rotation, [move.grip]]).astype(np.float32)
 
 
+def turned(scene: Scene, orientation: Rotation) -> float:
+    """How far (radians) the gripper has yet to turn to `orientation`."""
+    return (orientation * Rotation.from_quat(scene["eef_quat"]).inv()).magnitude()
+
+
 def toward(scene: Scene, goal: np.ndarray, grip: float, travel_z: float, orientation: Rotation = DOWN,
            reach: float = 0.015) -> Move:
     """Go to `goal` by way of `travel_z`: up first when far away, across, then down onto it."""
@@ -145,7 +151,7 @@ def open_drawer(level: str, until: float = DRAWER_OPENED) -> Callable[[Scene], M
     def rule(scene: Scene) -> Move:
         handle = scene.drawer_handle(level)
         if scene.joint(f"{CABINET}_{level}_level") < until:
-            return Move(handle + np.array([0, 0.12, 0.04]), OPEN, AT_CABINET)
+            return Move(handle + CLEAR_OF_HANDLE, OPEN, AT_CABINET)
         grasp = handle - np.array([0, 0.005, 0])  # the finger pads all around the bar
         offset = scene.eef - grasp
         if np.linalg.norm(offset) < 0.03 and HANDLE_HELD[0] < scene.finger_opening < HANDLE_HELD[1]:
@@ -153,11 +159,24 @@ def open_drawer(level: str, until: float = DRAWER_OPENED) -> Callable[[Scene], M
         if np.linalg.norm(offset) < 0.008:
             return Move(grasp, CLOSE, AT_CABINET)
         aligned = np.linalg.norm(offset[[0, 2]]) < 0.01 and -0.01 < offset[1] < 0.13
-        pointing = (AT_CABINET * Rotation.from_quat(scene["eef_quat"]).inv()).magnitude() < 0.1
+        pointing = turned(scene, AT_CABINET) < 0.1
         if aligned and pointing:
             return Move(grasp, OPEN, AT_CABINET)
         # From above: the hand, 20 cm wide along z when pointing at the cabinet, would sweep the bowl away.
         return toward(scene, grasp + np.array([0, 0.10, 0]), OPEN, grasp[2] + 0.06, AT_CABINET, reach=0.01)
+
+    return rule
+
+
+def open_drawer_then(level: str, then: Callable[[Scene], Move]) -> Callable[[Scene], Move]:
+    """Open the drawer, back the fingers off its handle still pointing at the cabinet, then follow `then`."""
+    opening = open_drawer(level)
+
+    def rule(scene: Scene) -> Move:
+        near_handle = np.linalg.norm(scene.eef - scene.drawer_handle(level)) < 0.06 and turned(scene, AT_CABINET) < 0.3
+        if scene.joint(f"{CABINET}_{level}_level") > DRAWER_COUNTED_OPEN or near_handle:
+            return opening(scene)
+        return then(scene)
 
     return rule
 
@@ -198,6 +217,11 @@ def burner(scene: Scene) -> np.ndarray:
     return scene.pos(STOVE) + np.array([0.15, 0, 0])
 
 
+def in_top_drawer(scene: Scene) -> np.ndarray:
+    """The top drawer's floor, midway across what an opened drawer shows in front of the cabinet (12 cm in y)."""
+    return scene.drawer_handle("top") + np.array([-0.006, -0.092, -0.027])
+
+
 def cabinet_top(scene: Scene) -> np.ndarray:
     """5 cm from the middle of the cabinet's top toward the robot: the far side is at the edge of its reach."""
     return scene.pos(CABINET) + np.array([-0.054, 0.004, 0.222])
@@ -211,6 +235,22 @@ def cabinet_top(scene: Scene) -> np.ndarray:
 BOWL_RIM, CHEESE_BODY, BOTTLE_NECK = (-0.041, 0.0235, 0.03), (0, 0, 0.006), (0, 0, 0.12)
 RIM_HELD, CHEESE_HELD, NECK_HELD = 0.005, 0.024, 0.009
 
+BOWL_ON_CABINET = PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05, AT_BOWL_RIM)
+OPEN_TOP_DRAWER_THEN_BOWL_IN = open_drawer_then(
+    "top", PickPlace(BOWL, BOWL_RIM, in_top_drawer, 0.015, 1.2, RIM_HELD, orientation=AT_BOWL_RIM))
+
+
+def bowl_into_top_drawer(scene: Scene) -> Move:
+    """The bowl first goes on top of the cabinet, out from under the opened drawer (which reaches over it on
+    the table: a hand grasping it there would push the drawer shut), then the drawer opens and the bowl goes
+    in. On top of the cabinet, wherever it came to rest, it stays out of the opening hand's way."""
+    bowl = scene.pos(BOWL)
+    top = cabinet_top(scene)
+    on_top = abs(bowl[2] - top[2]) < 0.02 and np.linalg.norm(bowl[:2] - scene.pos(CABINET)[:2]) < 0.12
+    if scene.joint(f"{CABINET}_top_level") > DRAWER_COUNTED_OPEN and not on_top:
+        return BOWL_ON_CABINET(scene)
+    return OPEN_TOP_DRAWER_THEN_BOWL_IN(scene)
+
 
 EXPERTS: dict[str, Callable[[Scene], Move]] = {
     "turn-on-the-stove": turn_on_stove,
@@ -218,11 +258,11 @@ EXPERTS: dict[str, Callable[[Scene], Move]] = {
     "put-the-bowl-on-the-plate": PickPlace(BOWL, BOWL_RIM, lambda scene: scene.pos(PLATE), 0.02, 1.05, RIM_HELD,
                                            orientation=AT_BOWL_RIM),
     "put-the-bowl-on-the-stove": PickPlace(BOWL, BOWL_RIM, burner, 0.04, 1.05, RIM_HELD, 0.04, AT_BOWL_RIM),
-    "put-the-bowl-on-top-of-the-cabinet": PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05,
-                                                    AT_BOWL_RIM),
+    "put-the-bowl-on-top-of-the-cabinet": BOWL_ON_CABINET,
     "put-the-cream-cheese-in-the-bowl": PickPlace(CHEESE, CHEESE_BODY, lambda scene: scene.pos(BOWL), 0.045, 1.05,
                                                   CHEESE_HELD),
     "push-the-plate-to-the-front-of-the-stove": push_plate,
+    "open-the-top-drawer-and-put-the-bowl-inside": bowl_into_top_drawer,
     "put-the-wine-bottle-on-top-of-the-cabinet": PickPlace(BOTTLE, BOTTLE_NECK, cabinet_top, 0.015, 1.3, NECK_HELD,
                                                            0.05),
 }
