@@ -31,7 +31,7 @@ AT_CABINET = Rotation.from_euler("x", -np.pi / 2) * DOWN
 AT_BOWL_RIM = Rotation.from_euler("z", np.pi / 3) * DOWN  # the other way round, the wrist reaches its limit
 
 BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bottle_1", "plate_1"
-CABINET, STOVE = "wooden_cabinet_1", "flat_stove_1"
+CABINET, STOVE, RACK = "wooden_cabinet_1", "flat_stove_1", "wine_rack_1"
 DRAWER_HANDLE_Z = {"top": 0.184, "middle": 0.110, "bottom": 0.042}  # above the cabinet's origin
 DRAWER_OPENED, DRAWER_COUNTED_OPEN = -0.155, -0.14  # LIBERO counts a drawer open below -0.14; it stops at -0.16
 CLEAR_OF_HANDLE = np.array([0, 0.12, 0.04])  # where the hand backs off to from an opened drawer's handle
@@ -222,6 +222,26 @@ def in_top_drawer(scene: Scene) -> np.ndarray:
     return scene.drawer_handle("top") + np.array([-0.006, -0.092, -0.027])
 
 
+def bottle_on_rack(scene: Scene) -> Move:
+    """Grasp the bottle's neck from above, tilt it along the rack's top shelf while carrying it high over the
+    rack, lower it onto the shelf and let go; LIBERO counts it on the rack once its bottom rests by the lip."""
+    bottle, slot = scene.pos(BOTTLE), scene.pos(RACK) + RACK_SLOT
+    neck = bottle + Rotation.from_quat(scene[f"{BOTTLE}_quat"]).apply(BOTTLE_NECK)
+    held = np.linalg.norm(scene.eef - neck) < 0.025 and scene.finger_opening < NECK_HELD
+    # Across the shelf (x) anywhere within 5 cm: the shelf's middle 20 cm count.
+    if np.linalg.norm((bottle - slot)[1:]) < 0.02 and abs(bottle[0] - slot[0]) < 0.05 or (
+            not held and bottle[2] > slot[2] - 0.05):
+        # Let go, then back off along the bottle, off the end of its neck.
+        back = 0 if held else 0.1
+        return Move(scene.eef + back * RACK_TILT.apply([0, 0, 1]), OPEN, RACK_TILT * DOWN)
+    if held:
+        carry = slot + RACK_TILT.apply(BOTTLE_NECK) + np.array([0, 0, 0.01])
+        return toward(scene, carry, CLOSE, RACK_TRAVEL_Z, RACK_TILT * DOWN, reach=0.01)
+    if np.linalg.norm(scene.eef - neck) < 0.01:
+        return Move(neck, CLOSE)
+    return toward(scene, neck, OPEN, neck[2] + 0.08, reach=0.01)
+
+
 def cabinet_top(scene: Scene) -> np.ndarray:
     """5 cm from the middle of the cabinet's top toward the robot: the far side is at the edge of its reach."""
     return scene.pos(CABINET) + np.array([-0.054, 0.004, 0.222])
@@ -234,6 +254,12 @@ def cabinet_top(scene: Scene) -> np.ndarray:
 # thick, the cream cheese 4.3 cm.
 BOWL_RIM, CHEESE_BODY, BOTTLE_NECK = (-0.041, 0.0235, 0.03), (0, 0, 0.006), (0, 0, 0.12)
 RIM_HELD, CHEESE_HELD, NECK_HELD = 0.005, 0.024, 0.009
+# The wine rack's top shelf slopes up away from the robot's side at 31 degrees, a lip at its lower edge; a
+# bottle lying along it, bottom against the lip, has its origin (its bottom) 6.7 cm from the rack's middle
+# (clear of the post there), 7.3 cm in front of and 24.1 cm above the rack's origin. Held by the neck, the
+# bottle lies so when the hand turns by RACK_TILT about x; its bottom then clears the rack's top (1.25 m) from
+# a hand at RACK_TRAVEL_Z.
+RACK_SLOT, RACK_TILT, RACK_TRAVEL_Z = np.array([0.067, 0.073, 0.241]), Rotation.from_euler("x", 1.0), 1.35
 
 BOWL_ON_CABINET = PickPlace(BOWL, BOWL_RIM, cabinet_top, 0.015, 1.2, RIM_HELD, 0.05, AT_BOWL_RIM)
 OPEN_TOP_DRAWER_THEN_BOWL_IN = open_drawer_then(
@@ -263,6 +289,7 @@ EXPERTS: dict[str, Callable[[Scene], Move]] = {
                                                   CHEESE_HELD),
     "push-the-plate-to-the-front-of-the-stove": push_plate,
     "open-the-top-drawer-and-put-the-bowl-inside": bowl_into_top_drawer,
+    "put-the-wine-bottle-on-the-rack": bottle_on_rack,
     "put-the-wine-bottle-on-top-of-the-cabinet": PickPlace(BOTTLE, BOTTLE_NECK, cabinet_top, 0.015, 1.3, NECK_HELD,
                                                            0.05),
 }
