@@ -273,8 +273,12 @@ def bowl_into_top_drawer(scene: Scene) -> Move:
     bowl = scene.pos(BOWL)
     top = cabinet_top(scene)
     on_top = abs(bowl[2] - top[2]) < 0.02 and np.linalg.norm(bowl[:2] - scene.pos(CABINET)[:2]) < 0.12
-    if scene.joint(f"{CABINET}_top_level") > DRAWER_COUNTED_OPEN and not on_top:
-        return BOWL_ON_CABINET(scene)
+    if scene.joint(f"{CABINET}_top_level") > DRAWER_COUNTED_OPEN:
+        if not on_top:
+            return BOWL_ON_CABINET(scene)
+        if np.linalg.norm(scene.eef[:2] - bowl[:2]) < 0.1 and scene.eef[2] < top[2] + 0.15:
+            # Up, still pointing down, before turning to the handle: the fingers would sweep the bowl off.
+            return Move(np.array([*scene.eef[:2], top[2] + 0.2]), OPEN, AT_BOWL_RIM)
     return OPEN_TOP_DRAWER_THEN_BOWL_IN(scene)
 
 
