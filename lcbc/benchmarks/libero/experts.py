@@ -29,6 +29,8 @@ DOWN = Rotation.from_matrix(np.diag([1.0, -1.0, -1.0]))
 AT_CABINET = Rotation.from_euler("x", -np.pi / 2) * DOWN
 # Pointing down, turned so that the fingers part along the bowl's radius where BOWL_RIM grasps it.
 AT_BOWL_RIM = Rotation.from_euler("z", np.pi / 3) * DOWN  # the other way round, the wrist reaches its limit
+# Pointing down, fingers parting along x: the hand, 20 cm wide along them, then keeps off the cabinet (-y).
+ACROSS = Rotation.from_euler("z", np.pi / 2) * DOWN
 
 BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bottle_1", "plate_1"
 CABINET, STOVE, RACK = "wooden_cabinet_1", "flat_stove_1", "wine_rack_1"
@@ -199,7 +201,7 @@ def push_plate(scene: Scene) -> Move:
     from the inside, cannot slip away sideways as it would from a push from outside."""
     plate, goal = scene.pos(PLATE), STOVE_FRONT
     if np.linalg.norm(plate[:2] - goal[:2]) < PLATE_TOLERANCE:
-        return Move(np.array([*scene.eef[:2], PLATE_PUSH_Z + 0.1]), CLOSE)
+        return Move(np.array([*scene.eef[:2], PLATE_PUSH_Z + 0.1]), CLOSE, ACROSS)
     inside = np.linalg.norm(scene.eef[:2] - plate[:2]) < PLATE_FLOOR and scene.eef[2] < PLATE_PUSH_Z + 0.02
     if inside:  # the hand slides to the line through the plate's centre along the way left, at half speed:
         # faster, the fingers hop over the rim; off that line, the rim slants them up and the plate sideways
@@ -209,8 +211,8 @@ def push_plate(scene: Scene) -> Move:
         aim = np.array([*(goal[:2] + ahead * way), PLATE_PUSH_Z]) - scene.eef
         if scene.eef[2] > PLATE_PUSH_Z + 0.009:  # down onto the floor first: higher, the fingertips pass the rim
             aim[:2] = 0
-        return Move(scene.eef + aim * min(1.0, PLATE_PUSH_STEP / np.linalg.norm(aim)), CLOSE)
-    return toward(scene, np.array([*plate[:2], PLATE_PUSH_Z]), CLOSE, PLATE_PUSH_Z + 0.08, reach=0.008)
+        return Move(scene.eef + aim * min(1.0, PLATE_PUSH_STEP / np.linalg.norm(aim)), CLOSE, ACROSS)
+    return toward(scene, np.array([*plate[:2], PLATE_PUSH_Z]), CLOSE, PLATE_PUSH_Z + 0.08, ACROSS, reach=0.008)
 
 
 def burner(scene: Scene) -> np.ndarray:
