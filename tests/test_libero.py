@@ -85,8 +85,10 @@ def test_the_stove_expert_succeeds_on_train_placements_and_official_initial_stat
     assert all(run_expert(benchmark, env, TASK, goal) for goal in goals)
 
 
-@pytest.mark.parametrize("task", ["open-the-middle-drawer-of-the-cabinet", "put-the-bowl-on-the-plate"])
-def test_a_drawer_and_a_pick_and_place_expert_succeed(benchmark, task):
+@pytest.mark.parametrize("task", ["open-the-middle-drawer-of-the-cabinet", "put-the-bowl-on-the-plate",
+                                  "open-the-top-drawer-and-put-the-bowl-inside",
+                                  "push-the-plate-to-the-front-of-the-stove", "put-the-wine-bottle-on-the-rack"])
+def test_drawer_pick_and_place_and_push_experts_succeed(benchmark, task):
     env = benchmark.make_env(task)
     try:
         assert all(run_expert(benchmark, env, task, benchmark.goal(task, "train", index)) for index in (7, 8))
