@@ -7,10 +7,18 @@ controller takes 7-d deltas: xyz (1 = 5 cm), axis-angle rotation (1 = 0.5 rad) a
 +1 close); `Expert` turns a `Move` into one with a proportional rule.
 
 Scene geometry (measured in the scene, world frame, metres): the gripper's site sits between its finger
-pads, which part along world y when it points down, and the hand is 20 cm wide along them; the cabinet
-always stands turned by pi, its drawers slide out toward +y (joint value negative when open), each handle a
-bar 10 cm in front of the cabinet's origin; the stove's knob turns about z and its pointer reaches 4 cm
-toward +x.
+pads, which part along world y when it points down, and the hand is 20 cm wide along them (21 cm, 7 cm
+thick, from 2.4 to 12.6 cm above the site when it points down); closed fingertips touch the table (0.90)
+with the site at 0.906. The cabinet always stands turned by pi, its drawers slide out toward +y (joint value
+negative when open), each handle a bar 10 cm in front of the cabinet's origin. The opened top drawer shows
+12 cm of its inside in front of the cabinet (floor at 1.064, walls to 1.12) and reaches over the bowl's
+place on the table, 1.054 m up: a hand grasping the bowl there hits it. The stove's knob turns about z and
+its pointer reaches 4 cm toward +x. The plate is 14 cm across, its rim 1.9 cm tall and sloping, 4.5 cm
+from the centre inside; LIBERO's region in front of the stove is 8 cm square around (-0.05, 0.21), with the
+cream cheese (8 x 4 cm) between it and the plate's start. The wine rack's top shelf slopes up toward -y at
+31 degrees with a 1.8 cm lip along its lower edge; LIBERO counts a bottle on the rack when its origin (the
+middle of its bottom) is within 10 cm of the shelf's middle across it, within 2.2 cm of the lip's middle
+along the lip and up to 10 cm in from it, and it touches the rack.
 """
 
 from __future__ import annotations
