@@ -238,9 +238,9 @@ def bottle_on_rack(scene: Scene) -> Move:
     bottle, slot = scene.pos(BOTTLE), scene.pos(RACK) + RACK_SLOT
     neck = bottle + Rotation.from_quat(scene[f"{BOTTLE}_quat"]).apply(BOTTLE_NECK)
     held = np.linalg.norm(scene.eef - neck) < 0.025 and scene.finger_opening < NECK_HELD
-    # Across the shelf (x) anywhere within 5 cm: the shelf's middle 20 cm count.
-    if np.linalg.norm((bottle - slot)[1:]) < 0.02 and abs(bottle[0] - slot[0]) < 0.05 or (
-            not held and bottle[2] > slot[2] - 0.05):
+    # At the slot across the shelf (x) anywhere within 5 cm: the shelf's middle 20 cm count.
+    at_slot = np.linalg.norm((bottle - slot)[1:]) < 0.02 and abs(bottle[0] - slot[0]) < 0.05
+    if at_slot or (not held and bottle[2] > slot[2] - 0.05):
         # Let go, then back off along the bottle, off the end of its neck.
         back = 0 if held else 0.1
         return Move(scene.eef + back * RACK_TILT.apply([0, 0, 1]), OPEN, RACK_TILT * DOWN)
