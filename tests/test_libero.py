@@ -50,6 +50,9 @@ def test_train_placements_are_seeded_and_test_goals_are_official_initial_states(
     assert np.allclose(first["state"], again["state"], atol=1e-9)
     assert not np.allclose(first["state"], other["state"], atol=1e-4)
     assert not np.allclose(first["state"], start("validation", 0)["state"], atol=1e-4)
+    # The robot starts off its home pose as in the official initial states, differently per placement.
+    joints = benchmark.layout(TASK).slices["joint_pos"]
+    assert 0.005 < np.abs(first["state"][joints] - other["state"][joints]).max() < 0.2
     official = start("test", 3)
     assert np.allclose(official["state"], start("test", 3)["state"], atol=1e-9)
     assert not np.allclose(official["state"], start("test", 4)["state"], atol=1e-4)

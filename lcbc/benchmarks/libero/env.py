@@ -45,6 +45,10 @@ OPEN_GRIPPER_STILL = np.array([0, 0, 0, 0, 0, 0, -1.0])
 # 50 official initial states per task, which hold only the movable state, so its fixtures come from a seed.
 SPLIT_SEED_OFFSET = {"train": 0, "validation": 1_000_000, "test": 2_000_000}
 OFFICIAL_INIT_STATES = 50
+# The robot's joints start off its home pose by Gaussian noise of this std (radians), drawn with the
+# placement seed: LIBERO's official initial states were made so (its scenes' default, which its own
+# wrapper turns off), and a policy that only ever started from one exact pose fails on them.
+JOINT_INIT_NOISE = 0.02
 ROBOT_STATE = (("eef_pos", 3), ("eef_quat", 4), ("gripper_qpos", 2), ("joint_pos", 7))
 
 
@@ -190,7 +194,8 @@ class LiberoEnv(gym.Env):
         # No hard reset: rebuilding the scene on every reset takes seconds and would undo speed_up_rendering.
         # ignore_done: the episode's end is this wrapper's business (max_episode_steps), not robosuite's horizon.
         options = dict(bddl_file_name=bddl_path(task), hard_reset=False, ignore_done=True,
-                       camera_heights=image_size, camera_widths=image_size)
+                       camera_heights=image_size, camera_widths=image_size,
+                       initialization_noise={"magnitude": JOINT_INIT_NOISE, "type": "gaussian"})
         if camera:
             self._env = OffScreenRenderEnv(**options, camera_names=[camera])
             speed_up_rendering(self._env.sim)
