@@ -187,3 +187,18 @@ def test_numeric_options_are_checked_before_anything_loads(argv, flag, tmp_path,
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"{flag} must be at least" in error[0], error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_obedience_rows_follow_the_task_order_whatever_order_episodes_finish_in():
+    from lcbc.evaluation.rollout import Job, Outcome
+    from lcbc.evaluation.scene import obedience_table
+
+    tasks = ["open", "close", "press"]
+    finished = [Outcome(Job("", "do it", 0, "open"), [[]]),
+                Outcome(Job("press", "press it", 0, "open"), [["press"]]),
+                Outcome(Job("close", "close it", 0, "open"), [["open"]]),
+                Outcome(Job("open", "open it", 0), [["open"]])]
+    table = obedience_table(tasks, finished)
+    assert list(table["rows"]) == ["open", "close", "press", "blind: 'do it'"]
+    assert table["rows"]["close"] == {"open": 1.0, "close": 0.0, "press": 0.0}
+    assert table["obedience"] == 2 / 3

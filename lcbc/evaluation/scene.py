@@ -44,7 +44,9 @@ def obedience_table(tasks: list[str], outcomes) -> dict:
     def fractions(reached: list[list[str]]) -> dict[str, float]:
         return {task: float(np.mean([task in episode for episode in reached])) for task in tasks}
 
-    table = {row: fractions(reached) for row, reached in rows.items()}
+    # Rows in the tasks' order (then the blind one), not in the order episodes happened to finish.
+    order = [task for task in tasks if task in rows] + [row for row in rows if row not in tasks]
+    table = {row: fractions(rows[row]) for row in order}
     return {"tasks": tasks, "rows": table, "episodes": {row: len(reached) for row, reached in rows.items()},
             "by_instruction": {text: fractions(reached) for text, reached in by_instruction.items()},
             "obedience": float(np.mean([table[task][task] for task in tasks if task in table]))}
