@@ -43,12 +43,18 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(table: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: charts are written, never shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def bar_chart(table: dict, path: Path) -> None:
+    plt = pyplot()
     tasks = list(table["tasks"])
     x = np.arange(len(tasks))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tasks)), 4))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcbc.evaluation.report import pyplot
 from lcbc.evaluation.rollout import Job
 
 
@@ -67,7 +68,7 @@ def obedience_markdown(table: dict) -> str:
 
 
 def obedience_heatmap(table: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     tasks, rows = table["tasks"], list(table["rows"])
     values = np.array([[100 * table["rows"][row][task] for task in tasks] for row in rows])
     fig, ax = plt.subplots(figsize=(2 + 0.7 * len(tasks), 1.5 + 0.5 * len(rows)))
@@ -142,7 +143,7 @@ def chain_markdown(table: dict) -> str:
 
 
 def chain_plot(table: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for key, label, color in (("success_by_length", "policy", None), ("expert_success_by_length", "scripted expert",
                                                                        "gray")):
@@ -167,11 +168,3 @@ def write_scene_report(name: str, table: dict, markdown: str, plot, out_dir: Pat
     (out_dir / f"{name}.md").write_text(markdown)
     plot(table, out_dir / f"{name}.png")
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

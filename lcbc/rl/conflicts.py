@@ -75,11 +75,9 @@ def conflicts_markdown(tasks: list[str], matrix: torch.Tensor) -> str:
 
 
 def conflicts_heatmap(tasks: list[str], matrix: torch.Tensor, path: Path) -> None:
-    import matplotlib
+    from lcbc.evaluation.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     size = max(4.0, 0.7 * len(tasks) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     image = ax.imshow(matrix.numpy(), cmap="RdBu", vmin=-1, vmax=1)  # fixed range: colors compare across runs
