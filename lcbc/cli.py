@@ -241,14 +241,14 @@ def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
     from pathlib import Path
 
     from lcbc.evaluation import scene
-    from lcbc.evaluation.rollout import ExpertActor, run_jobs
+    from lcbc.evaluation.rollout import ExpertActor, phrasings, run_jobs
 
     tasks = benchmark.tasks
-    phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
+    asked = phrasings(benchmark, tasks, instructions)
     if args.obedience:
-        jobs = scene.obedience_jobs(tasks, args.episodes, phrasings, args.blind)
+        jobs = scene.obedience_jobs(tasks, args.episodes, asked, args.blind)
     else:
-        jobs = scene.chain_jobs(benchmark, tasks, args.episodes, args.chain, phrasings)
+        jobs = scene.chain_jobs(benchmark, tasks, args.episodes, args.chain, asked)
     result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, camera, size)
     if args.obedience:
         name, table = "obedience", scene.obedience_table(tasks, result.outcomes)

@@ -123,9 +123,14 @@ def rollout(actor, benchmark, episodes: int, instructions: dict[str, list[str]] 
     """Run the first `episodes` goals of `split` for each of the benchmark's tasks (or `tasks`), and each
     phrasing when `instructions` is given; `camera` renders images for pixel policies."""
     tasks = list(tasks or benchmark.tasks)
-    phrasings = {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
-    jobs = [Job(task, text, e) for task in tasks for text in phrasings[task] for e in range(episodes)]
+    asked = phrasings(benchmark, tasks, instructions)
+    jobs = [Job(task, text, e) for task in tasks for text in asked[task] for e in range(episodes)]
     return run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress)
+
+
+def phrasings(benchmark, tasks: list[str], instructions: dict[str, list[str]] | None) -> dict[str, list[str]]:
+    """Each task's instructions to try: those given for it, else the benchmark's canonical one."""
+    return {task: (instructions or {}).get(task) or [benchmark.canonical_instruction(task)] for task in tasks}
 
 
 def holding(info: dict, task: str) -> dict[str, bool]:
