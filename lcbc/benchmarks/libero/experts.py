@@ -44,6 +44,7 @@ BOWL, CHEESE, BOTTLE, PLATE = "akita_black_bowl_1", "cream_cheese_1", "wine_bott
 CABINET, STOVE, RACK = "wooden_cabinet_1", "flat_stove_1", "wine_rack_1"
 DRAWER_HANDLE_Z = {"top": 0.184, "middle": 0.110, "bottom": 0.042}  # above the cabinet's origin
 DRAWER_OPENED, DRAWER_COUNTED_OPEN = -0.155, -0.14  # LIBERO counts a drawer open below -0.14; it stops at -0.16
+TURN_Z = 1.17  # the hand turns from pointing down to pointing at the cabinet no lower than this (home: 1.19)
 CLEAR_OF_HANDLE = np.array([0, 0.12, 0.04])  # where the hand backs off to from an opened drawer's handle
 HANDLE_HELD = (0.006, 0.02)  # finger openings of a grip on the 1.6 cm handle bar; below it, they slipped off
 KNOB_ON, KNOB_LEVER = 0.7, 0.03  # LIBERO counts the stove on from 0.5 rad; where on the pointer to push
@@ -173,7 +174,14 @@ def open_drawer(level: str, until: float = DRAWER_OPENED) -> Callable[[Scene], M
         if aligned and pointing:
             return Move(grasp, OPEN, AT_CABINET)
         # From above: the hand, 20 cm wide along z when pointing at the cabinet, would sweep the bowl away.
-        return toward(scene, grasp + np.array([0, 0.10, 0]), OPEN, grasp[2] + 0.06, AT_CABINET, reach=0.01)
+        move = toward(scene, grasp + np.array([0, 0.10, 0]), OPEN, grasp[2] + 0.06, AT_CABINET, reach=0.01)
+        if turned(scene, AT_CABINET) > 0.3:
+            # Turning to the cabinet low down (where another task may have left the hand) locks the arm: rise
+            # first, then turn on the way, no lower than where the turn began.
+            if scene.eef[2] < TURN_Z - 0.05:
+                return Move(np.array([*scene.eef[:2], TURN_Z]), OPEN, Rotation.from_quat(scene["eef_quat"]))
+            move.target[2] = max(move.target[2], scene.eef[2])
+        return move
 
     return rule
 
