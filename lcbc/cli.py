@@ -18,7 +18,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 # The smallest value each numeric option takes, checked for every subcommand that has it.
 SMALLEST = {"episodes_per_task": 1, "episodes": 1, "envs_per_task": 1, "workers": 1, "image_size": 1, "videos": 0,
             "episode": 0, "steps_after_success": 0, "action_noise": 0, "batches": 1, "batch_size": 1, "port": 0,
-            "max_sessions": 1, "chain": 1}
+            "max_sessions": 1, "chain": 1, "after_tasks": 0}
 BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
                   "(MT10, MT50 and Meta-World task names alone also work), libero:goal (or libero:goal:TASK,TASK), "
                   "or my_package.module:ARG")
@@ -36,7 +36,7 @@ def cmd_collect(args) -> None:
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
     report = collect(args.out, args.benchmark, args.episodes_per_task, camera=camera, image_size=args.image_size,
                      workers=args.workers, mode=mode, steps_after_success=args.steps_after_success,
-                     action_noise=args.action_noise)
+                     action_noise=args.action_noise, after_tasks=args.after_tasks)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
     for task in tasks:
         table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--action-noise", type=float, default=0.0,
                          help="std of Gaussian noise added to the actions executed (not the labels stored): demos "
                               "that show the expert correcting small errors (default 0)")
+    collect.add_argument("--after-tasks", type=int, default=0,
+                         help="start each demo where 1 to N other tasks of the scene, done first by their experts, "
+                              "left it: demos of a request made mid-episode, for chained requests (default 0)")
     existing = collect.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     existing.add_argument("--resume", action="store_true", help="add the missing episodes to an existing file")

@@ -10,6 +10,12 @@ as robomimic writes them.
 `action_noise` perturbs the actions the environment executes, not the labels stored (DART, Laskey et al.
 2017): the demos then visit states a little off the expert's own path, each labelled with the expert's
 correction, which a cloned policy needs once its own small errors take it there.
+
+`after_tasks` makes demos of a request made mid-episode, as chained requests (`lcbc eval --chain`) make
+them: each episode first runs a random chain of 1 to `after_tasks` other tasks of the scene that the
+demo's task can follow (Benchmark.can_follow), done by their experts and not recorded, and the demo starts
+where the last one reached its goal, the scene changed by them. A policy cloned from fresh resets alone has
+never seen such a start. Each demo's `after` attribute names the tasks done before it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lcbc.benchmark import load_benchmark
 from lcbc.data.hdf5 import DemoWriter
 from lcbc.errors import UserError
+from lcbc.evaluation.rollout import holding
+from lcbc.evaluation.scene import random_chain
 
 # Demos go on this many steps past the first success. Success radii let a demo cut at the first success
 # stop short of the goal (Meta-World counts a reach within 5 cm); with these steps the demos show finishing
@@ -43,15 +51,41 @@ class CollectionReport:
     kept: dict[str, int] = field(default_factory=dict)
 
 
+def _noisy(env, action: np.ndarray, action_noise: float, rng: np.random.Generator) -> np.ndarray:
+    if not action_noise:
+        return action
+    return np.clip(action + rng.normal(0.0, action_noise, action.shape), env.action_space.low, env.action_space.high)
+
+
+def run_until_reached(env, expert, task: str, obs: dict, action_noise: float, rng: np.random.Generator) -> dict | None:
+    """Step `expert` (actions noised as in the demos) until `task`'s goal holds; the observation then, or
+    None when the episode ends first. The goal is read from info["scene_success"] (see Benchmark)."""
+    for _ in range(env.max_episode_steps):
+        action = np.clip(expert(obs), env.action_space.low, env.action_space.high)
+        obs, _, terminated, truncated, info = env.step(_noisy(env, action, action_noise, rng))
+        if holding(info, task).get(task):
+            return obs
+        if terminated or truncated:
+            return None
+    return None
+
+
 def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUCCESS, action_noise: float = 0.0,
-                   rng: np.random.Generator | None = None) -> tuple[dict, bool]:
+                   rng: np.random.Generator | None = None, after: list[tuple[str, Callable]] = ()) -> tuple[dict, bool]:
     """One expert episode on `goal`; stops `steps_after_success` steps after the first success (so the demo
     also shows what the expert does once the task is done: hold, not wander off), when the environment ends
     it, or at its `max_episode_steps`. Action labels are clipped to the action space; the environment
-    executes them with Gaussian noise of std `action_noise` (drawn from `rng`) added."""
+    executes them with Gaussian noise of std `action_noise` (drawn from `rng`) added. `after`: (task, expert)
+    pairs done first, unrecorded, each until its goal holds; the demo then starts with a fresh step limit
+    (`env.restart_step_limit()`), and a failed one ends the attempt."""
     low, high = env.action_space.low, env.action_space.high
     rng = rng or np.random.default_rng()
     obs, _ = env.reset(options={"goal": goal})
+    for task, first in after:
+        obs = run_until_reached(env, first, task, obs, action_noise, rng)
+        if obs is None:
+            return {}, False
+        env.restart_step_limit()
     with_states = hasattr(env, "simulator_state")
     steps: dict[str, list] = {"actions": [], "rewards": [], "states": [], **{f"obs/{k}": [] for k in obs}}
     success, remaining = False, steps_after_success
@@ -62,9 +96,7 @@ def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUC
         for key, value in obs.items():
             steps[f"obs/{key}"].append(value)
         steps["actions"].append(action)
-        if action_noise:
-            action = np.clip(action + rng.normal(0.0, action_noise, action.shape), low, high)
-        obs, _, terminated, truncated, info = env.step(action)
+        obs, _, terminated, truncated, info = env.step(_noisy(env, action, action_noise, rng))
         steps["rewards"].append(float(info["success"]))
         success = success or bool(info["success"])
         if success:
@@ -83,31 +115,50 @@ def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUC
     return arrays, success
 
 
+def predecessors(benchmark, task: str) -> list[str]:
+    """The scene's tasks that `task` can follow."""
+    return [other for other in benchmark.scene(task) if benchmark.can_follow(other, task)]
+
+
 def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | None, image_size: int,
-                 steps_after_success: int, action_noise: float, done_episodes: frozenset[int], emit: Callable) -> None:
+                 steps_after_success: int, action_noise: float, after_tasks: int, done_episodes: frozenset[int],
+                 emit: Callable) -> None:
     """Roll out the expert on new training goals of `task` until `episodes` successes; emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
     try:
         benchmark = load_benchmark(benchmark_spec)
-        expert = benchmark.expert(task)
+        experts = {name: benchmark.expert(name) for name in (task, *predecessors(benchmark, task))}
         env = benchmark.make_env(task, camera=camera, image_size=image_size)
         kept, attempts, episode = len(done_episodes), 0, 0
         max_episode = 3 * episodes + 20
         while kept < episodes and episode < max_episode:
             if episode not in done_episodes:
-                # The noise is the episode's own: a resumed collection redoes an episode identically.
-                rng = np.random.default_rng([zlib.crc32(task.encode()), episode])
-                arrays, success = rollout_expert(env, expert, benchmark.goal(task, "train", episode),
-                                                 steps_after_success, action_noise, rng)
+                # The noise (and the tasks done first) are the episode's own: a resumed collection redoes an
+                # episode identically.
+                rng = np.random.default_rng([zlib.crc32(task.encode()), episode, *([after_tasks] * bool(after_tasks))])
+                before = first_tasks(benchmark, task, after_tasks, rng)
+                arrays, success = rollout_expert(env, experts[task], benchmark.goal(task, "train", episode),
+                                                 steps_after_success, action_noise, rng,
+                                                 after=[(name, experts[name]) for name in before])
                 attempts += 1
                 if success:
                     kept += 1
-                    emit(("episode", task, episode, arrays))
+                    emit(("episode", task, episode, arrays, before))
             episode += 1
         env.close()
         emit(("done", task, attempts, kept))
     except Exception:  # reported to the parent, which stops the whole collection
         emit(("error", task, traceback.format_exc()))
+
+
+def first_tasks(benchmark, task: str, after_tasks: int, rng: np.random.Generator) -> list[str]:
+    """A random chain of 1 to `after_tasks` tasks that `task` can follow (none when `after_tasks` is 0)."""
+    if not after_tasks:
+        return []
+    length = int(rng.integers(1, after_tasks + 1))
+    # Shorter when the scene has no chain that long; collect() has checked that one task can come first.
+    chains = (random_chain(benchmark, predecessors(benchmark, task), n, rng) for n in range(length, 0, -1))
+    return next(chain for chain in chains if chain)
 
 
 def _exit_with(parent: int) -> None:
@@ -128,26 +179,35 @@ def _worker(jobs, results, parent: int) -> None:
 def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str | None = None,
             image_size: int = 64, workers: int = 1, mode: str = "create",
             steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None,
-            action_noise: float = 0.0) -> CollectionReport:
-    """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into `out`."""
+            action_noise: float = 0.0, after_tasks: int = 0) -> CollectionReport:
+    """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into
+    `out`, each after a chain of up to `after_tasks` other tasks (see the module docstring)."""
     benchmark = load_benchmark(benchmark_spec)
     tasks = list(tasks or benchmark.tasks)
-    missing = [task for task in tasks if benchmark.expert(task) is None]
+    needed = set(tasks) | {other for task in tasks for other in predecessors(benchmark, task)} if after_tasks else tasks
+    missing = [task for task in needed if benchmark.expert(task) is None]
     if missing:
         raise UserError(f"--benchmark {benchmark_spec}: no scripted expert for {missing[0]}")
+    alone = [task for task in tasks if after_tasks and not predecessors(benchmark, task)]
+    if alone:
+        raise UserError(f"--after-tasks: no task of {benchmark.name} can come before {alone[0]} in one episode "
+                        f"(Benchmark.can_follow)")
     env_args = {"env_name": benchmark.name, "env_type": "lcbc",
                 "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "camera": camera, "image_size": image_size,
                                "steps_after_success": steps_after_success,
-                               **({"action_noise": action_noise} if action_noise else {})}}  # absent: none
+                               **({"action_noise": action_noise} if action_noise else {}),  # absent: none
+                               **({"after_tasks": after_tasks} if after_tasks else {})}}
     report = CollectionReport()
-    # A resumed file must hold the same observations, so the same camera and image size, and the same noise.
-    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size", "action_noise")) as writer:
+    # A resumed file must hold the same observations, so the same camera and image size, and the same noise
+    # and starts.
+    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size", "action_noise",
+                                                          "after_tasks")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
         jobs = [(benchmark_spec, task, episodes_per_task, camera, image_size, steps_after_success, action_noise,
-                 frozenset(done[task])) for task in tasks]
+                 after_tasks, frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:
@@ -156,11 +216,12 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str |
 
             def handle(message) -> None:
                 if message[0] == "episode":
-                    _, task, episode, arrays = message
+                    _, task, episode, arrays, before = message
                     obs = {key[4:]: value for key, value in arrays.items() if key.startswith("obs/")}
                     writer.add_demo(arrays["actions"], obs, arrays["rewards"], arrays["dones"],
                                     states=arrays.get("states"), task=task, split="train", episode=episode,
-                                    instruction=benchmark.canonical_instruction(task))
+                                    instruction=benchmark.canonical_instruction(task),
+                                    **({"after": ",".join(before)} if before else {}))
                     progress.advance(bar)
                 elif message[0] == "done":
                     _, task, attempts, kept = message

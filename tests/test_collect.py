@@ -109,6 +109,15 @@ def test_collect_resume_refuses_another_action_noise(metaworld_file, tmp_path, c
     assert exit_info.value.code == 2 and "action_noise" in capsys.readouterr().err
 
 
+def test_collect_after_other_tasks_needs_tasks_that_can_come_first(tmp_path, capsys):
+    """Meta-World's tasks each have a scene of their own: no task can be done before another in one episode."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "--benchmark", "reach-v3", "--out", str(tmp_path / "x.hdf5"), "--after-tasks", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--after-tasks" in err and "reach-v3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.hdf5").exists()
+
+
 def test_collect_cli_defaults_match_the_collector_and_reject_negative_steps(tmp_path, capsys):
     from lcbc.cli import build_parser
     from lcbc.collect import STEPS_AFTER_SUCCESS

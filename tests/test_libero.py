@@ -3,6 +3,8 @@ state, and the scripted experts on a few placements. One state environment serve
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,8 @@ def test_goal_suite_names_ten_tasks_with_libero_sentences_first(benchmark):
     assert len(benchmark.tasks) == 10 and TASK in benchmark.tasks
     assert benchmark.instructions(TASK)[0] == "turn on the stove" and len(benchmark.instructions(TASK)) >= 3
     assert all(len(benchmark.instructions(task)) >= 3 for task in benchmark.tasks)
+    every = [text for task in benchmark.tasks for text in benchmark.instructions(task)]
+    assert len(set(every)) == len(every)  # no phrasing asks for two tasks, or twice for one
     with pytest.raises(UserError, match="official initial states"):
         benchmark.goal(TASK, "test", 50)
     with pytest.raises(UserError, match="suites"):
@@ -146,3 +150,26 @@ def test_experts_obey_every_instruction_from_the_same_starts():
     table = obedience_table(pair.tasks, run_jobs(ExpertActor(pair), pair, jobs, "train", progress=False).outcomes)
     assert table["rows"] == {TASK: {TASK: 1.0, drawer: 0.0}, drawer: {TASK: 0.0, drawer: 1.0}}
     assert table["obedience"] == 1.0 and table["episodes"] == {TASK: 2, drawer: 2}
+
+
+def test_demos_collected_after_another_task_start_where_it_ended(tmp_path):
+    """--after-tasks 1: the stove is turned on first, unrecorded; the drawer demo starts with the knob on, its
+    attribute names the stove task, and it ends with the drawer open."""
+    import h5py
+
+    from lcbc.collect import collect
+    from lcbc.data.hdf5 import demo_names
+
+    drawer = "open-the-middle-drawer-of-the-cabinet"
+    out = tmp_path / "after.hdf5"
+    report = collect(str(out), f"libero:goal:{TASK},{drawer}", 1, tasks=[drawer], action_noise=0.1, after_tasks=1)
+    assert report.kept == {drawer: 1}
+    layout = load_benchmark("libero:goal").layout(drawer)
+    with h5py.File(out) as file:
+        (name,) = demo_names(file)
+        demo = file["data"][name]
+        assert demo.attrs["task"] == drawer and demo.attrs["after"] == TASK
+        first_state = demo["obs/state"][0]
+        assert first_state[layout.slices["flat_stove_1_button"]][0] > 0.5  # the knob is on from the first step
+        assert demo["rewards"][0] == 0 and demo["rewards"][-1] == 1
+        assert json.loads(file["data"].attrs["env_args"])["env_kwargs"]["after_tasks"] == 1
