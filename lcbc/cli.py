@@ -203,10 +203,10 @@ def cmd_eval(args) -> None:
         _eval_scene(args, benchmark, actor, instructions, camera, size)
         return
     result = rollout(actor, benchmark, args.episodes, instructions, split=args.split,
-                     envs_per_task=args.envs_per_task, camera=camera, image_size=size)
+                     envs_per_task=args.envs_per_task, camera=camera, image_size=size, workers=args.workers)
     has_expert = not args.no_expert and benchmark.expert(tasks[0]) is not None
     expert = rollout(ExpertActor(benchmark), benchmark, args.episodes, split=args.split,
-                     envs_per_task=args.envs_per_task, progress=False) if has_expert else None
+                     envs_per_task=args.envs_per_task, progress=False, workers=args.workers) if has_expert else None
     table = success_table(tasks, result, expert)
     table["benchmark"], table["split"] = benchmark.name, args.split
     if instructions and policy.config["task_mode"] == "language":  # what an unseen wording falls back on
@@ -249,14 +249,14 @@ def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
         jobs = scene.obedience_jobs(tasks, args.episodes, asked, args.blind)
     else:
         jobs = scene.chain_jobs(benchmark, tasks, args.episodes, args.chain, asked)
-    result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, camera, size)
+    result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, camera, size, workers=args.workers)
     if args.obedience:
         name, table = "obedience", scene.obedience_table(tasks, result.outcomes)
         text, plot = scene.obedience_markdown(table), scene.obedience_heatmap
     else:
         has_expert = not args.no_expert and all(benchmark.expert(task) is not None for task in tasks)
         expert = run_jobs(ExpertActor(benchmark), benchmark, jobs, args.split, args.envs_per_task,
-                          progress=False) if has_expert else None
+                          progress=False, workers=args.workers) if has_expert else None
         name, table = "chains", scene.chain_table(args.chain, result.outcomes, expert and expert.outcomes)
         text, plot = scene.chain_markdown(table), scene.chain_plot
     table["benchmark"], table["split"] = benchmark.name, args.split
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
     evaluate.add_argument("--out", default="eval")
     evaluate.add_argument("--envs-per-task", type=int, default=10)
+    evaluate.add_argument("--workers", type=int, default=1, help="processes that step environments, each with its "
+                          "own copy of the policy: up to one per core (default 1)")
     evaluate.add_argument("--no-expert", action="store_true", help="skip the scripted expert's reference run")
     evaluate.add_argument("--obedience", action="store_true", help="tasks sharing one scene (libero:goal): from the "
                           "same starts, every task's instructions; table of which task's goal each reached")

@@ -161,7 +161,7 @@ def first_tasks(benchmark, task: str, after_tasks: int, rng: np.random.Generator
     return next(chain for chain in chains if chain)
 
 
-def _exit_with(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
     """Ends this process within half a second of its parent's end (killed, say): no orphan keeps collecting,
     holding the queues, their semaphores or the resource tracker."""
     while os.getppid() == parent:
@@ -171,7 +171,7 @@ def _exit_with(parent: int) -> None:
 
 def _worker(jobs, results, parent: int) -> None:
     """A worker process: collects the tasks it takes from `jobs` until it gets None."""
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     for job in iter(jobs.get, None):
         collect_task(*job, emit=results.put)
 

@@ -38,6 +38,31 @@ def test_expert_rollouts_succeed_on_new_goals():
         assert result.steps > 8
 
 
+def test_worker_processes_give_the_same_episodes_as_one_process(trained_policy):
+    """The jobs split between two processes (whole start tasks each) and merged: the same outcome for every
+    episode as in one process, for the expert and for a policy, which each worker gets a copy of."""
+    from lcbc.cli import _load_policy
+    from lcbc.evaluation.rollout import PolicyActor
+
+    benchmark = load_benchmark("metaworld:drawer-open-v3,reach-v3")
+    for actor in (ExpertActor(benchmark), PolicyActor(_load_policy(str(trained_policy)))):
+        alone, split = (rollout(actor, benchmark, episodes=3, split="test", envs_per_task=3, progress=False,
+                                workers=workers) for workers in (1, 2))
+        assert split.successes == alone.successes and split.steps == alone.steps and split.seconds > 0
+        episodes = [{(o.job.task, o.job.episode): o.reached for o in result.outcomes} for result in (alone, split)]
+        assert episodes[0] == episodes[1] and len(episodes[0]) == 6
+
+
+def test_jobs_are_shared_out_by_start_task_when_there_are_enough():
+    from lcbc.evaluation.rollout import Job, shard
+
+    jobs = [Job(task, task, k) for task in "abc" for k in range({"a": 4, "b": 2, "c": 1}[task])]
+    assert [[job.task for job in share] for share in shard(jobs, 2)] == [list("aaaa"), list("bbc")]
+    one_start = [Job("a", "a", k) for k in range(5)]
+    assert [[job.episode for job in share] for share in shard(one_start, 2)] == [[0, 2, 4], [1, 3]]
+    assert shard(one_start[:1], 4) == [one_start[:1]]
+
+
 def test_splits_hold_different_goal_variations():
     """Train (seed 0, 2, 3, ...), validation (seed 1, on which earlier recipes were tuned) and test share no goal."""
     from lcbc.benchmarks.metaworld.scorer import scene_of
@@ -174,6 +199,7 @@ def test_help_lists_every_subcommand(capsys):
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--envs-per-task", "0"], "--envs-per-task"),
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--videos", "-1"], "--videos"),
     (["eval", "--policy", "p", "--benchmark", "reach-v3", "--chain", "0"], "--chain"),
+    (["eval", "--policy", "p", "--benchmark", "reach-v3", "--workers", "0"], "--workers"),
     (["act", "--policy", "p", "--task", "reach-v3", "reach", "--episode", "-1"], "--episode"),
     (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--image-size", "0"], "--image-size"),
     (["collect", "--benchmark", "reach-v3", "--out", "x.hdf5", "--workers", "0"], "--workers"),

@@ -12,10 +12,16 @@ start on another task's goal variation of the same scene (`Job.start`: obedience
 from the same starts) and may chain further requests (`Job.then`): once the goal is reached the next
 instruction is given in the same episode, with no reset and the policy's history kept, and it gets
 `max_episode_steps` steps of its own (`env.restart_step_limit()`).
+
+Simulators step on one core, so `workers` > 1 splits the jobs among that many processes, each with its own
+copy of the actor and its own environments (whole start tasks to each worker where there are enough, so
+none builds an environment another one also builds); their results are merged.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -105,6 +111,9 @@ class ExpertActor:
         self.benchmark = benchmark
         self.experts: dict[str, object] = {}
 
+    def __getstate__(self) -> dict:
+        return {"benchmark": self.benchmark, "experts": {}}  # a worker process makes its own experts
+
     def reset(self, done: np.ndarray) -> None:
         pass
 
@@ -119,13 +128,13 @@ class ExpertActor:
 
 def rollout(actor, benchmark, episodes: int, instructions: dict[str, list[str]] | None = None,
             split: str = "validation", envs_per_task: int = 10, camera: str | None = None, image_size: int = 64,
-            progress: bool = True, tasks: list[str] | None = None) -> EvalResult:
+            progress: bool = True, tasks: list[str] | None = None, workers: int = 1) -> EvalResult:
     """Run the first `episodes` goals of `split` for each of the benchmark's tasks (or `tasks`), and each
     phrasing when `instructions` is given; `camera` renders images for pixel policies."""
     tasks = list(tasks or benchmark.tasks)
     asked = phrasings(benchmark, tasks, instructions)
     jobs = [Job(task, text, e) for task in tasks for text in asked[task] for e in range(episodes)]
-    return run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress)
+    return run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress, workers=workers)
 
 
 def phrasings(benchmark, tasks: list[str], instructions: dict[str, list[str]] | None) -> dict[str, list[str]]:
@@ -142,9 +151,14 @@ def holding(info: dict, task: str) -> dict[str, bool]:
 
 def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_per_task: int = 10,
              camera: str | None = None, image_size: int = 64, progress: bool = True,
-             watch: Callable | None = None) -> EvalResult:
-    """Run every job (see the module docstring), `envs_per_task` environments per start task at a time.
-    `watch(env, observation, action, info)` sees every reset (action None) and step."""
+             watch: Callable | None = None, workers: int = 1, finished: Callable | None = None) -> EvalResult:
+    """Run every job (see the module docstring), `envs_per_task` environments per start task at a time, in
+    `workers` processes. `watch(env, observation, action, info)` sees every reset (action None) and step (in
+    this process only); `finished(outcome)` every episode's outcome."""
+    if workers > 1 and len(jobs) > 1:
+        if watch:
+            raise ValueError("watch sees the environments of this process: run with workers=1")
+        return _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress, workers)
     warnings.filterwarnings("ignore", message="Constant")
     queues: dict[str, list[Job]] = {}
     for job in jobs:
@@ -186,7 +200,7 @@ def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_
             batch = {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
             actions = actor(batch, [job or Job(start, benchmark.canonical_instruction(start), -1)
                                     for job, (_, start) in zip(current, slots)])
-            finished = np.zeros(len(slots), dtype=bool)
+            ended = np.zeros(len(slots), dtype=bool)
             for i, job in enumerate(current):
                 if job is None:
                     continue
@@ -210,16 +224,90 @@ def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_
                     result.outcomes.append(outcome)
                     result.successes.setdefault((first[i].task, first[i].instruction), []).append(
                         outcome.completed > 0)
-                    current[i], finished[i] = None, True
+                    current[i], ended[i] = None, True
                     bar.advance(progress_task)
-            if finished.any():
-                actor.reset(finished)
-                for i in np.flatnonzero(finished):
+                    if finished:
+                        finished(outcome)
+            if ended.any():
+                actor.reset(ended)
+                for i in np.flatnonzero(ended):
                     start_next(i)
     result.seconds = time.perf_counter() - started
     for env, start in slots:
         _IDLE_ENVS.setdefault((benchmark.name, start, camera, image_size), []).append(env)
     return result
+
+
+def shard(jobs: list[Job], workers: int) -> list[list[Job]]:
+    """`workers` non-empty shares of the jobs: whole start tasks dealt out, largest first, to the least loaded
+    worker when there are at least as many start tasks as workers, else every start's jobs dealt round."""
+    starts: dict[str, list[Job]] = {}
+    for job in jobs:
+        starts.setdefault(job.start_task, []).append(job)
+    shares: list[list[Job]] = [[] for _ in range(min(workers, len(jobs)))]
+    if len(starts) >= len(shares):
+        for group in sorted(starts.values(), key=len, reverse=True):
+            min(shares, key=len).extend(group)
+    else:
+        for k, job in enumerate(jobs):
+            shares[k % len(shares)].append(job)
+    return shares
+
+
+def _worker(actor, benchmark, jobs, split, envs_per_task, camera, image_size, results, parent: int) -> None:
+    """One evaluation process: runs its jobs, sends each outcome as it ends, then its whole result."""
+    import threading
+
+    import torch
+
+    from lcbc.collect import exit_with_parent
+
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(1)
+    try:
+        result = run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress=False,
+                          finished=lambda outcome: results.put(("outcome", None)))
+        results.put(("result", result))
+    except Exception as error:  # reported to the parent, which raises it
+        results.put(("error", error))
+
+
+def _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress,
+                    workers: int) -> EvalResult:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_worker, daemon=True, args=(actor, benchmark, share, split, envs_per_task,
+                                                                    camera, image_size, results, os.getpid()))
+                 for share in shard(jobs, workers)]
+    merged = EvalResult()
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        for process in processes:
+            process.start()
+        with Progress(*columns, disable=not progress) as bar:
+            progress_task = bar.add_task("eval", total=len(jobs))
+            done = 0
+            while done < len(processes):
+                kind, payload = results.get()
+                if kind == "outcome":
+                    bar.advance(progress_task)
+                elif kind == "error":
+                    raise payload
+                else:
+                    done += 1
+                    for key, values in payload.successes.items():
+                        merged.successes.setdefault(key, []).extend(values)
+                    merged.outcomes += payload.outcomes
+                    merged.steps += payload.steps
+                    merged.seconds = max(merged.seconds, payload.seconds)  # stepping time, as one process counts it
+    finally:
+        for process in processes:
+            if process.pid is None:  # never started
+                continue
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    return merged
 
 
 # Building an environment can be slow (a Meta-World one parses its MuJoCo model: ~0.3 s each, 100 for an
