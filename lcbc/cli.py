@@ -130,7 +130,7 @@ def _load_policy(directory: str):
     return LanguagePolicy.from_pretrained(directory)
 
 
-def _policy_camera(policy, benchmark) -> tuple[str | None, int]:
+def policy_camera(policy, benchmark) -> tuple[str | None, int]:
     """Pixel policies name their camera in their image key (`corner_rgb`)."""
     keys = policy.config["image_keys"]
     if keys:
@@ -197,7 +197,7 @@ def cmd_eval(args) -> None:
     if args.instructions == "unseen":  # the benchmark's phrasings this policy was never trained on
         known = set(policy.config["instructions"])
         instructions = {task: [text for text in benchmark.instructions(task) if text not in known] for task in tasks}
-    camera, size = _policy_camera(policy, benchmark)
+    camera, size = policy_camera(policy, benchmark)
     actor = PolicyActor(policy)
     if args.obedience or args.chain:
         _eval_scene(args, benchmark, actor, instructions, camera, size)
@@ -290,7 +290,7 @@ def cmd_act(args) -> None:
     if len(args.instruction) > 1 and not language:
         raise UserError(f"several instructions: the policy is conditioned on {policy.config['task_mode']}, not on "
                         "words")
-    camera, size = _policy_camera(policy, benchmark)
+    camera, size = policy_camera(policy, benchmark)
     video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
     if args.video and video_camera is None:
         raise UserError(f"--video: {benchmark.name} renders no cameras")
