@@ -71,7 +71,8 @@ def main() -> None:
     title = "Evaluation throughput" + ("" if benchmark.name == "metaworld:MT10" else f", {benchmark.name}")
     lines = [f"## {title}\n\nMeasured {datetime.date.today()} on 2 CPU cores with "
              f"`python benchmarks/eval_speed.py --policy {args.policy} --benchmark {args.benchmark} "
-             f"--episodes {args.episodes} --workers {args.workers}`: {len(tasks)} tasks x {args.envs_per_task} "
+             f"--episodes {args.episodes} --envs-per-task {args.envs_per_task} --repeats {args.repeats} "
+             f"--workers {args.workers}`: {len(tasks)} tasks x {args.envs_per_task} "
              f"environments stepped together{rendering}, {args.repeats} interleaved repeats; policy on 1 torch "
              "thread per process.\n",
              "| loop | env steps/s (median) | runs |", "|---|---:|---|"]
