@@ -33,6 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lcbc.errors import UserError
 
 
+def progress_bar(progress: bool) -> Progress:
+    """The evaluation's bar over episodes (hidden when `progress` is False)."""
+    return Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress)
+
+
 @dataclass(frozen=True)
 class Job:
     """What the actor is asked now: a task ('' for none of the scene's), its instruction, and the index of
@@ -190,8 +195,7 @@ def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_
     for i in range(len(slots)):
         start_next(i)
     started = time.perf_counter()
-    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         progress_task = bar.add_task("eval", total=len(jobs))
         actor.reset(np.ones(len(slots), dtype=bool))
         while any(job is not None for job in current):
@@ -280,11 +284,10 @@ def _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_
                                                                     camera, image_size, results, os.getpid()))
                  for share in shard(jobs, workers)]
     merged = EvalResult()
-    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         for process in processes:
             process.start()
-        with Progress(*columns, disable=not progress) as bar:
+        with progress_bar(progress) as bar:
             progress_task = bar.add_task("eval", total=len(jobs))
             done = 0
             while done < len(processes):
