@@ -20,6 +20,12 @@ instruction reach?) and chained requests need it. Chains (`lcbc eval --chain`, s
 `lcbc act`) also need `can_follow` pairs and an environment method `restart_step_limit()`: each request of
 a chain gets `max_episode_steps` steps of its own in the same episode.
 
+Reset-free practice (`lcbc finetune --reset-free`) alternates tasks that undo each other (`reverse`: open and
+close a drawer) without resetting: it needs an environment method `switch_task(task)` that goes on from the
+current physical state as another task of the scene with a fresh step limit, returns the observation, and
+sets the environment's `goal` attribute to that task's goal variation of the scene (what its episodes are
+stored and scored with).
+
 Benchmarks are found by name: `metaworld:MT10` or `libero:goal` (a registered name, a colon, the name's own
 argument), or `MT10`, `MT50` and Meta-World task names for short, or `my_package.my_module:ARG` for a module that
 defines `benchmark(arg) -> Benchmark`. `register_benchmark` adds a name from Python, and installed
@@ -100,6 +106,11 @@ class Benchmark:
         """Whether `second` may be asked for in the same episode once `first`'s goal is reached, with neither
         goal needing or undoing the other (see the module docstring). No pair by default: no chains."""
         return False
+
+    def reverse(self, task: str) -> str | None:
+        """The task of `task`'s scene that undoes its goal (drawer-close for drawer-open), or None: reset-free
+        practice alternates the two (see the module docstring)."""
+        return None
 
     def canonical_instruction(self, task: str) -> str:
         return self.instructions(task)[0]

@@ -361,8 +361,8 @@ def cmd_conflicts(args) -> None:
 def cmd_finetune(args) -> None:
     from lcbc.training.finetune import run_finetune
 
-    out = run_finetune(args.config, args.policy, args.benchmark, args.out, resume=args.resume,
-                       overrides=args.overrides)
+    overrides = (["--model.reset_free", "true"] if args.reset_free else []) + args.overrides
+    out = run_finetune(args.config, args.policy, args.benchmark, args.out, resume=args.resume, overrides=overrides)
     print(f"fine-tuned policy exported to {out}")
 
 
@@ -472,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", help="run folder: checkpoints, logs and policy/ (default: the config's "
                           "trainer.default_root_dir)")
     finetune.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/last.ckpt")
+    finetune.add_argument("--reset-free", action="store_true",
+                          help="tasks that undo each other (drawer open and close) practise in turn without resets")
     finetune.add_argument("overrides", nargs="*", help="after --: config overrides in LightningCLI form, "
                           "e.g. -- --model.total_env_steps 100000")
     finetune.set_defaults(run=cmd_finetune)

@@ -65,7 +65,7 @@ def test_jobs_are_shared_out_by_start_task_when_there_are_enough():
 
 def test_splits_hold_different_goal_variations():
     """Train (seed 0, 2, 3, ...), validation (seed 1, on which earlier recipes were tuned) and test share no goal."""
-    from lcbc.benchmarks.metaworld.scorer import scene_of
+    from lcbc.benchmarks.metaworld.env import scene_of
 
     benchmark = load_benchmark("metaworld:reach-v3")
     scenes = {split: {tuple(scene_of(benchmark.goal("reach-v3", split, i))) for i in range(0, 400, 7)}

@@ -15,8 +15,7 @@ from test_evaluation import trained_policy  # noqa: F401  (fixture: RT-1-tiny cl
 
 from lcbc.benchmark import load_benchmark
 from lcbc.benchmarks.metaworld.augment import ActorStateAugmentation
-from lcbc.benchmarks.metaworld.env import MetaWorldEnv, split_goal
-from lcbc.benchmarks.metaworld.scorer import scene_of
+from lcbc.benchmarks.metaworld.env import MetaWorldEnv, scene_of, split_goal
 from lcbc.cli import main
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.policies.rt1 import RT1
@@ -202,6 +201,68 @@ def test_failure_driven_collection_sends_environments_to_failing_tasks_and_reuse
     assert Collector(reach)._next_task("reach-v3") == "reach-v3"  # uniform: a slot keeps its task
     with pytest.raises(ValueError, match="task_collection"):
         Collector(reach, task_collection="hardest")
+
+
+def run_expert(env, expert, obs, steps: int = 300) -> tuple[dict, bool]:
+    for _ in range(steps):
+        obs, _, _, _, info = env.step(expert(obs))
+        if info["success"]:
+            return obs, True
+    return obs, False
+
+
+def test_switch_task_goes_on_from_the_same_physical_state_as_the_task_that_undoes_it():
+    benchmark = load_benchmark("metaworld:drawer-open-v3,drawer-close-v3")
+    assert benchmark.reverse("drawer-open-v3") == "drawer-close-v3" and benchmark.reverse("reach-v3") is None
+    env, goal = benchmark.make_env("drawer-open-v3"), benchmark.goal("drawer-open-v3", "train", 3)
+    obs, opened = run_expert(env, benchmark.expert("drawer-open-v3"), env.reset(options={"goal": goal})[0])
+    assert opened
+    before, hand = env.simulator_state(), obs["state"][:4]
+    obs = env.switch_task("drawer-close-v3")
+    np.testing.assert_array_equal(env.simulator_state(), before)  # nothing moved
+    np.testing.assert_allclose(obs["state"][:4], hand)  # the hand and gripper where they were
+    assert env.task == "drawer-close-v3" and env.goal.env_name == "drawer-close-v3"
+    np.testing.assert_array_equal(scene_of(env.goal), scene_of(goal))  # the same drawer
+    fresh = MetaWorldEnv("drawer-close-v3")
+    np.testing.assert_allclose(obs["state"][-3:], fresh.reset(options={"goal": env.goal})[0]["state"][-3:])
+    obs, closed = run_expert(env, benchmark.expert("drawer-close-v3"), obs)
+    assert closed
+    assert env.reset(options={"goal": goal})[0]["state"][-3:].tolist() == env.switch_task("drawer-open-v3")[
+        "state"][-3:].tolist() and env.task == "drawer-open-v3"  # a reset with a goal of the other task
+
+
+@pytest.mark.parametrize("limit", [100_000, 1])
+def test_reset_free_collection_alternates_tasks_that_undo_each_other_without_resets(limit):
+    """The experts open and close the drawer in turn, each episode starting where the slot's last one ended;
+    at the hard limit (every episode with limit 1) an environment is reset, and counted."""
+    from lcbc.evaluation.rollout import ExpertActor
+
+    benchmark = load_benchmark("metaworld:drawer-open-v3,drawer-close-v3")
+    collector = Collector(benchmark, max_episode_steps=300, exploration_std=0.0, reset_free=True,
+                          reset_free_steps=limit)
+    resets = [0]
+    for env in collector.envs:
+        def counted(*args, reset=env.reset, **kwargs):
+            resets[0] += 1
+            return reset(*args, **kwargs)
+        env.reset = counted
+    replay = ReplayBuffer(benchmark, 20_000, RelabelConfig(task_strategy="high"))
+    stored, add = [], replay.add_episode
+    replay.add_episode = lambda episode, source="online": stored.append(episode) or add(episode, source)
+    actor = ExpertActor(benchmark)
+    while len(stored) < 8:
+        collector.step(actor, replay)
+    assert all(episode.success[-1] for episode in stored)
+    ends = {episode.states[-1].tobytes(): episode.task for episode in stored}
+    went_on = [ends.get(episode.states[0].tobytes()) for episode in stored[2:]]
+    if limit == 1:
+        in_flight = sum(episode is not None for episode in collector._episodes)
+        assert collector.forced_resets == len(stored) and resets[0] == len(stored) + in_flight
+        assert went_on == [None] * len(went_on)
+    else:
+        assert collector.forced_resets == 0 and resets[0] == 2  # the first episode of each environment
+        assert went_on == [benchmark.reverse(episode.task) for episode in stored[2:]]
+    assert replay.online_size == sum(len(episode.actions) for episode in stored)
 
 
 @pytest.mark.parametrize("scale", ["fixed", "uniform"])
@@ -478,6 +539,9 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.demo_goal_weights: reach-v3: -1.0 is not a non-negative number"),
     (None, "reach-v3", "model: {demo_goal_weights: {fly-v3: 0}}",
      "model.demo_goal_weights: 'fly-v3' is not a task of metaworld:reach-v3"),
+    (None, "reach-v3,drawer-open-v3", "model: {reset_free: true}",
+     "model.reset_free: no task of metaworld:reach-v3,drawer-open-v3 has the task that undoes it"),
+    (None, "reach-v3", "model: {reset_free_steps: 0}", "model.reset_free_steps: 0 is not a positive integer"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

@@ -13,12 +13,14 @@ from lcbc.benchmark import load_benchmark
 from lcbc.benchmarks.metaworld import SCENES
 from lcbc.benchmarks.metaworld.env import (
     MetaWorldEnv,
+    goal_in_scene,
     restore_simulator_state,
+    scene_of,
     scripted_expert,
     simulator_state_size,
     split_goal,
 )
-from lcbc.benchmarks.metaworld.scorer import DENSE_REWARD_MAX, goal_in_scene, scene_of
+from lcbc.benchmarks.metaworld.scorer import DENSE_REWARD_MAX
 from lcbc.collect import STEPS_AFTER_SUCCESS
 from lcbc.errors import UserError
 from lcbc.rl.replay import (

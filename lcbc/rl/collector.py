@@ -17,6 +17,12 @@ the hand ends where the policy would have taken it, while pink noise drifts it o
 spreads the positions that hindsight relabeling turns into goals. The noise's scale is
 `exploration_std` in every episode (`fixed`), or drawn for each episode uniformly between 0 and
 `exploration_std` (`uniform`), so that precise tasks also get quiet episodes.
+
+Reset-free practice (`reset_free`): an environment whose task has a reverse in the benchmark (drawer-open and
+drawer-close) is not reset when an episode ends. After a success it goes on as the reverse task from where
+the robot and objects are (`env.switch_task`), after a failure as the same task, so each direction starts
+where the other left off, as a robot without a person to reset its scene practises. Only a hard limit of
+`reset_free_steps` environment steps on one goal variation resets it (`forced_resets` counts those).
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class Collector:
     def __init__(self, benchmark, envs_per_task: int = 1, max_episode_steps: int = 500,
                  exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
                  seed: int = 0, recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
-                 solved_task_weight: float = 0.25):
+                 solved_task_weight: float = 0.25, reset_free: bool = False, reset_free_steps: int = 2000):
         if exploration_noise not in NOISE:
             raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
         if exploration_scale not in NOISE_SCALE:
@@ -98,6 +104,11 @@ class Collector:
         self.task_successes = {task: deque(maxlen=recent_per_task) for task in self.tasks}
         self._episodes: list[Episode | None] = [None] * len(self.envs)
         self._observations: list[dict | None] = [None] * len(self.envs)
+        self.reset_free, self.reset_free_steps = reset_free, reset_free_steps
+        # Reset-free: the task (and its episode number) a slot goes on as without a reset, else None.
+        self._go_on_as: list[tuple[str, int] | None] = [None] * len(self.envs)
+        self._scene_steps = [0] * len(self.envs)  # steps since the slot's environment was last reset
+        self.forced_resets = 0  # reset-free environments reset by the hard limit
 
     def _next_task(self, current: str) -> str:
         if self.task_collection == "uniform":
@@ -115,12 +126,19 @@ class Collector:
         return self.envs[i]
 
     def _start(self, i: int) -> None:
-        task = self._next_task(self.slot_tasks[i])
-        env = self._env_for(i, task)
-        number = self.episodes_started[task]
-        self.episodes_started[task] += 1
-        goal = self.benchmark.goal(task, "train", number)
-        self._observations[i], _ = env.reset(options={"goal": goal})
+        """Slot i's next episode: on a new training goal, or reset-free from where its last one ended."""
+        if self._go_on_as[i] is not None:
+            env, (task, number) = self.envs[i], self._go_on_as[i]
+            self._observations[i] = env.switch_task(task)
+            goal = env.goal
+        else:
+            task = self._next_task(self.slot_tasks[i])
+            env = self._env_for(i, task)
+            number = self.episodes_started[task]
+            self.episodes_started[task] += 1
+            goal = self.benchmark.goal(task, "train", number)
+            self._observations[i], _ = env.reset(options={"goal": goal})
+            self._scene_steps[i] = 0
         shape = (self.max_episode_steps, self.envs[i].action_space.shape[0])
         noise = (pink_noise(self.rng, *shape) if self.exploration_noise == "pink"
                  else self.rng.standard_normal(shape))
@@ -150,12 +168,25 @@ class Collector:
             episode.obs.append(self._observations[i]["state"])
             episode.actions.append(actions[i])
             episode.success.append(bool(info["success"]))
+            self._scene_steps[i] += 1
             if info["success"] or terminated or truncated or len(episode.actions) >= self.max_episode_steps:
                 replay.add_episode(episode.stored())
                 self.recent_successes.append(bool(info["success"]))
                 self.task_successes[episode.task].append(bool(info["success"]))
                 self._episodes[i] = None
+                self._go_on_as[i] = self._reset_free_next(i, episode, bool(info["success"]))
         return len(self.envs)
+
+    def _reset_free_next(self, i: int, episode: Episode, success: bool) -> tuple[str, int] | None:
+        """Under `reset_free`, what slot i goes on as without a reset: the reverse task after a success, the
+        same task after a failure; None (a reset) for tasks without a reverse and at the hard limit."""
+        reverse = self.benchmark.reverse(episode.task)
+        if not self.reset_free or reverse not in self.tasks:
+            return None
+        if self._scene_steps[i] >= self.reset_free_steps:
+            self.forced_resets += 1
+            return None
+        return (reverse if success else episode.task), episode.number
 
     @property
     def success_rate(self) -> float:
@@ -176,13 +207,16 @@ class Collector:
         """What a resumed run needs to go on where this one stopped: which goal each task runs next and the
         noise generator. Episodes in flight are not kept; a resumed run starts new ones."""
         return {"episodes_started": dict(self.episodes_started), "rng": self.rng.bit_generator.state,
+                "forced_resets": self.forced_resets,
                 "recent_successes": list(self.recent_successes),
                 "task_successes": {task: list(outcomes) for task, outcomes in self.task_successes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.episodes_started.update(state["episodes_started"])
+        self.forced_resets = state.get("forced_resets", 0)
         self.rng.bit_generator.state = state["rng"]
         self.recent_successes.extend(state["recent_successes"])
         for task, outcomes in state["task_successes"].items():
             self.task_successes[task].extend(outcomes)
         self._episodes = [None] * len(self.envs)
+        self._go_on_as = [None] * len(self.envs)

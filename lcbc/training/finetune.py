@@ -89,12 +89,13 @@ class FineTuning(L.LightningModule):
                  critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
                  policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
-                 eval_envs_per_task: int = 1, seed: int = 0):
+                 eval_envs_per_task: int = 1, reset_free: bool = False, reset_free_steps: int = 2000, seed: int = 0):
         super().__init__()
         self.actor_augmentation = actor_augmentation
         self.save_hyperparameters(ignore=["actor_augmentation"])  # the config keeps it; checkpoints hold plain data
         for name in ("total_env_steps", "envs_per_task", "updates_per_step", "max_episode_steps", "replay_capacity",
-                     "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task", "ranked_samples"):
+                     "batch_size", "eval_every", "eval_episodes", "eval_envs_per_task", "ranked_samples",
+                     "reset_free_steps"):
             value = self.hparams[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name}: {value!r} is not a positive integer")
@@ -111,6 +112,10 @@ class FineTuning(L.LightningModule):
                 raise UserError(f"model.demo_goal_weights: {task!r} is not a task of {self.benchmark.name}")
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
                 raise UserError(f"model.demo_goal_weights: {task}: {weight!r} is not a non-negative number")
+        tasks = self.benchmark.tasks
+        if reset_free and not any(self.benchmark.reverse(task) in tasks for task in tasks):
+            raise UserError(f"model.reset_free: no task of {self.benchmark.name} has the task that undoes it among "
+                            "the tasks (Benchmark.reverse), so nothing can practise without resets")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -159,7 +164,8 @@ class FineTuning(L.LightningModule):
         self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
         self.collector = Collector(self.benchmark, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
-                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight)
+                                   task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight,
+                                   reset_free=hp.reset_free, reset_free_steps=hp.reset_free_steps)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
@@ -206,14 +212,21 @@ class FineTuning(L.LightningModule):
             self._evaluate()  # the behavior-cloned policy's success: the baseline of the curve
         self.env_steps += self.collector.step(self.actor, self.replay)
         self.log("env_steps", float(self.env_steps), prog_bar=True)
+        # Lightning writes step metrics every `log_every_n_steps` only; handing it the others costs more than
+        # an update's critic step (about 1 ms a metric), so they are handed over on the steps it writes.
+        written = self.trainer._logger_connector.should_update_logs
         if self.collector.recent_successes:
             self.log("collect/success", self.collector.success_rate, prog_bar=True)
-            self.log_dict({f"collect/{task}": 1.0 - rate
-                           for task, rate in zip(self.tasks, self.collector.failure_rates())})
+            if written:
+                self.log_dict({f"collect/{task}": 1.0 - rate
+                               for task, rate in zip(self.tasks, self.collector.failure_rates())})
+                if hp.reset_free:
+                    self.log("collect/forced_resets", float(self.collector.forced_resets))
         if self.env_steps >= hp.learning_starts:
             for _ in range(hp.updates_per_step):
                 metrics = self._update()
-            self.log_dict(metrics)
+            if written:
+                self.log_dict(metrics)
         done = self.env_steps >= hp.total_env_steps
         if done or self.env_steps // hp.eval_every > (self.env_steps - len(self.collector.envs)) // hp.eval_every:
             self._evaluate()

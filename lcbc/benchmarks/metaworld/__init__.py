@@ -35,6 +35,10 @@ SUCCESS_RADIUS = {"reach-v3": 0.05, "push-v3": 0.05, "pick-place-v3": 0.07}
 SCENES = (("reach-v3", "push-v3", "pick-place-v3"), ("drawer-open-v3", "drawer-close-v3"),
           ("window-open-v3", "window-close-v3"))
 
+# Tasks of one scene that undo each other, both ways: reset-free practice alternates them.
+REVERSES = {"drawer-open-v3": "drawer-close-v3", "window-open-v3": "window-close-v3"}
+REVERSES.update({second: first for first, second in REVERSES.items()})
+
 
 @functools.cache
 def instruction_table() -> dict[str, tuple[str, ...]]:
@@ -103,6 +107,9 @@ class MetaWorld(Benchmark):
 
     def scene(self, task: str) -> tuple[str, ...]:
         return next((scene for scene in SCENES if task in scene), (task,))
+
+    def reverse(self, task: str) -> str | None:
+        return REVERSES.get(task)
 
     def scorer(self, tasks: list[str]):
         from lcbc.benchmarks.metaworld.scorer import SimulatorScorer

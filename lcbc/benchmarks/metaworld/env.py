@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 
 import gymnasium as gym
 import numpy as np
@@ -60,6 +61,19 @@ def split_goal(task: str, split: str, index: int):
     return goal_variations(task, seed)[variation]
 
 
+def scene_of(goal) -> np.ndarray:
+    """The goal variation's random vector (a metaworld Task's `rand_vec`), from which reset builds the scene."""
+    return np.asarray(pickle.loads(goal.data)["rand_vec"], dtype=np.float64)
+
+
+def goal_in_scene(task: str, scene: np.ndarray):
+    """A metaworld Task that makes `task` reset into `scene`, goal in the observation (as in MT benchmarks)."""
+    from metaworld import Task, env_dict
+
+    data = {"env_cls": env_dict.ALL_V3_ENVIRONMENTS[task], "rand_vec": scene, "partially_observable": False}
+    return Task(env_name=task, data=pickle.dumps(data))
+
+
 def scripted_expert(task: str):
     from metaworld.policies import ENV_POLICY_MAP
 
@@ -103,19 +117,14 @@ class MetaWorldEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, task: str, goal=None, camera: str | None = None, image_size: int = 64):
-        from metaworld import env_dict
-
         self.task = task
         self.camera = camera
-        render = {"render_mode": "rgb_array", "camera_name": camera, "width": image_size,
-                  "height": image_size} if camera else {}
-        self._env = env_dict.ALL_V3_ENVIRONMENTS[task](**render)
-        if camera:
-            # Shadow and reflection passes redraw the 67k-triangle robot: without them a 64 px frame
-            # renders 4x faster on a CPU (130 -> 30 ms). Training and evaluation images both come from here.
-            self._env.model.light_castshadow[:] = 0
-            self._env.model.mat_reflectance[:] = 0
-        self._env.set_task(goal if goal is not None else split_goal(task, "train", 0))
+        self._render = {"render_mode": "rgb_array", "camera_name": camera, "width": image_size,
+                        "height": image_size} if camera else {}
+        self._env = self._raw_env(task)
+        self._envs = {task: self._env}  # one raw env per task this env has run (see switch_task)
+        self.goal = goal if goal is not None else split_goal(task, "train", 0)
+        self._env.set_task(self.goal)
         self.max_episode_steps = self._env.max_path_length
         self.action_space = self._env.action_space
         spaces = {
@@ -125,6 +134,17 @@ class MetaWorldEnv(gym.Env):
         if camera:
             spaces[f"{camera}_rgb"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
+
+    def _raw_env(self, task: str):
+        from metaworld import env_dict
+
+        env = env_dict.ALL_V3_ENVIRONMENTS[task](**self._render)
+        if self.camera:
+            # Shadow and reflection passes redraw the 67k-triangle robot: without them a 64 px frame
+            # renders 4x faster on a CPU (130 -> 30 ms). Training and evaluation images both come from here.
+            env.model.light_castshadow[:] = 0
+            env.model.mat_reflectance[:] = 0
+        return env
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         obs = {"state": state, "robot_state": state[:ROBOT_STATE_DIM].copy()}
@@ -140,7 +160,9 @@ class MetaWorldEnv(gym.Env):
         """Meta-World is deterministic given the goal variation: `seed` changes nothing."""
         super().reset(seed=seed)
         if options and options.get("goal") is not None:
-            self._env.set_task(options["goal"])
+            self.goal = options["goal"]
+            self._use(self.goal.env_name)  # a goal of another task of the scene (after switch_task)
+            self._env.set_task(self.goal)
         state, info = self._env.reset()
         return self._observation(state), info
 
@@ -149,10 +171,33 @@ class MetaWorldEnv(gym.Env):
         info = dict(info, success=bool(info.get("success", 0.0) > 0.5))
         return self._observation(state), float(reward), terminated, truncated, info
 
+    def switch_task(self, task: str) -> dict[str, np.ndarray]:
+        """Go on from the current physical state as `task`, a task of the same scene (drawer-open and
+        drawer-close load one model), with a fresh step limit; returns the observation, `goal` becomes the
+        task's goal variation of this scene. Nothing moves: the task's own env is reset into this scene only
+        for the attributes its reward and observation read (the goal, the handle's start), then given this
+        state. Reset-free practice (`lcbc finetune --reset-free`) turns a drawer it opened into one to close.
+        The same task restarts the step limit (Meta-World refuses to step past it)."""
+        state = simulator_state(self._env)
+        self._use(task)
+        self.goal = goal_in_scene(task, scene_of(self.goal))
+        self._env.set_task(self.goal)
+        self._env.reset()
+        restore_simulator_state(self._env, state)
+        self._env._prev_obs = self._env._get_curr_obs_combined_no_goal()  # as after reset: no earlier frame
+        box = self._env.sawyer_observation_space
+        return self._observation(np.clip(self._env._get_obs(), box.low, box.high))
+
+    def _use(self, task: str) -> None:
+        if task not in self._envs:
+            self._envs[task] = self._raw_env(task)
+        self.task, self._env = task, self._envs[task]
+
     def simulator_state(self) -> np.ndarray:
         """qpos, qvel, mocap position and quaternion: enough to restore the scene exactly."""
         return simulator_state(self._env)
 
     def close(self) -> None:
-        self._env.close()
+        for env in self._envs.values():
+            env.close()
 

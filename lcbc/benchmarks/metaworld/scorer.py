@@ -20,14 +20,14 @@ them.
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 
 from lcbc.benchmarks.metaworld.env import (
     ACHIEVED_GOAL_IN_STATE,
     GOAL_IN_STATE,
+    goal_in_scene,
     restore_simulator_state,
+    scene_of,
     simulator_state,
     simulator_state_size,
 )
@@ -36,19 +36,6 @@ from lcbc.rl.replay import Episode, Scores
 DENSE_REWARD_MAX = 10.0  # Meta-World v3's shaped rewards lie in [0, 10] and are 10 at success
 # What the simulator measures exactly of each task with a free goal: the fingertip centre or the object.
 ACHIEVED_GOAL = {task: "hand" if start == 0 else "object" for task, (start, _) in ACHIEVED_GOAL_IN_STATE.items()}
-
-
-def scene_of(goal) -> np.ndarray:
-    """The goal variation's random vector (a metaworld Task's `rand_vec`), from which reset builds the scene."""
-    return np.asarray(pickle.loads(goal.data)["rand_vec"], dtype=np.float64)
-
-
-def goal_in_scene(task: str, scene: np.ndarray):
-    """A metaworld Task that makes `task` reset into `scene`, goal in the observation (as in MT benchmarks)."""
-    from metaworld import Task, env_dict
-
-    data = {"env_cls": env_dict.ALL_V3_ENVIRONMENTS[task], "rand_vec": scene, "partially_observable": False}
-    return Task(env_name=task, data=pickle.dumps(data))
 
 
 def with_goal(obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
