@@ -173,6 +173,23 @@ def test_q_regresses_onto_reward_plus_discounted_next_value_or_an_absorbing_succ
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_rows_left_out_of_the_critics_losses_still_get_an_advantage():
+    """`trains` (FineTuning's `critic_failed_relabels: false`) keeps rows out of the critics' losses, as if
+    the batch held only the others; the actor's advantage still covers every row."""
+    torch.manual_seed(0)
+    critics, config = Critics(3, 2, hidden=8, layers=1), IQLConfig()
+    state, next_state, action = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2)
+    reward, terminal = torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([False, True, False, False])
+    trains = torch.tensor([True, True, False, False])
+    loss, advantage, _ = critic_loss(critics, config, state, action, reward, terminal, next_state, trains)
+    kept, kept_advantage, _ = critic_loss(critics, config, state[:2], action[:2], reward[:2], terminal[:2],
+                                          next_state[:2])
+    assert loss.item() == pytest.approx(kept.item(), rel=1e-6) and len(advantage) == 4
+    torch.testing.assert_close(advantage[:2], kept_advantage)
+    everything, _, _ = critic_loss(critics, config, state, action, reward, terminal, next_state)
+    assert everything.item() != pytest.approx(loss.item())
+
+
 def test_exploration_goals_are_new_every_episode_and_train_goals():
     collector = Collector(load_benchmark("metaworld:reach-v3"))
     scenes = []

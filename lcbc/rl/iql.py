@@ -144,18 +144,20 @@ def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
 
 
 def critic_loss(critics: Critics, config: IQLConfig, state: Tensor, action: Tensor, reward: Tensor,
-                terminal: Tensor, next_state: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """IQL's V and Q losses (summed: they train disjoint networks) and the advantage
-    min_i Qtarget_i(s, a) - V(s) (detached) that weights the actor."""
+                terminal: Tensor, next_state: Tensor, trains: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """IQL's V and Q losses (summed: they train disjoint networks) over the rows `trains` marks (all when
+    None), and the advantage min_i Qtarget_i(s, a) - V(s) (detached) of every row, which weights the actor."""
     with torch.no_grad():
         target_q = critics.q_values(state, action, target=True).min(0).values
         after = torch.where(terminal, reward / (1 - config.gamma) if config.absorbing_success else 0.0,
                             critics.value(next_state))
         td_target = reward + config.gamma * after
     value = critics.value(state)
-    value_loss = expectile_loss(target_q - value, config.expectile)
+    rows = slice(None) if trains is None else trains
+    value_loss = expectile_loss((target_q - value)[rows], config.expectile)
     q = critics.q_values(state, action)
-    q_loss = (q - td_target).square().mean(1).sum()
+    q_loss = (q - td_target)[:, rows].square().mean(1).sum()
     advantage = (target_q - value).detach()
     metrics = {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "q": q.mean().detach(),
                "v": value.mean().detach()}

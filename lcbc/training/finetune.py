@@ -85,7 +85,8 @@ class FineTuning(L.LightningModule):
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
-                 critic_layers: int = 2, imitate: str = "all", ranked_samples: int = 8, actor_lr: float = 1e-4,
+                 critic_layers: int = 2, critic_failed_relabels: bool = True, imitate: str = "all",
+                 ranked_samples: int = 8, actor_lr: float = 1e-4,
                  critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
                  policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
@@ -246,8 +247,11 @@ class FineTuning(L.LightningModule):
         state = self.inputs.state(batch["obs"], task)
         next_state = self.inputs.state(batch["next_obs"], task)
         action = self.inputs.action(batch["action"])
+        # Without `critic_failed_relabels`, relabels that do not reach their goal (zero return) are left out
+        # of the critics' losses: an ablation of what the zero rewards teach them.
+        trains = None if hp.critic_failed_relabels else (batch["relabel"] == ORIGINAL) | batch["reaches_goal"]
         loss, advantage, metrics = critic_loss(self.critics, self.iql, state, action, batch["reward"],
-                                               batch["terminal"], next_state)
+                                               batch["terminal"], next_state, trains)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
