@@ -329,20 +329,21 @@ def test_log_likelihood_is_the_cloning_loss_per_sample(trained_policy):  # noqa:
     assert (-log_likelihood.mean() / 4).item() == pytest.approx(loss.item(), rel=1e-5)  # mean over 4 action dims
 
 
-@pytest.mark.parametrize(("pcgrad", "reaches_goal", "demo_goal_weights"), [
-    (False, [1, 0, 1, 1, 0, 0, 1, 0], None),
-    (True, [1, 0, 1, 1, 0, 0, 1, 0], None),
-    (True, [1, 0, 1, 0, 0, 0, 1, 0], None),  # task 1 imitates nothing, yet counts in the mean over tasks
-    (False, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.0}),  # rows 0 and 6: reach demos with their own goal
-    (True, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.5, "drawer-open-v3": 0.0}),
+@pytest.mark.parametrize(("pcgrad", "reaches_goal", "demo_goal_weights", "imitate"), [
+    (False, [1, 0, 1, 1, 0, 0, 1, 0], None, "successful"),
+    (True, [1, 0, 1, 1, 0, 0, 1, 0], None, "successful"),
+    (True, [1, 0, 1, 0, 0, 0, 1, 0], None, "successful"),  # task 1 imitates nothing, yet counts in the mean
+    (False, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.0}, "successful"),  # rows 0, 6: reach demos, own goal
+    (True, [1, 1, 1, 1, 0, 0, 1, 0], {"reach-v3": 0.5, "drawer-open-v3": 0.0}, "successful"),
+    (False, [1, 0, 1, 1, 0, 0, 1, 0], None, "advantage"),  # the rows with a positive advantage, not these
 ])
 def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad, reaches_goal, demo_goal_weights,
-                                                                          trained_policy):  # noqa: F811
-    """Under `imitate: successful` the actor runs RT-1 on the rows it imitates only (under PCGrad, one pass
-    per task); its gradient must equal that of the weighted loss over one pass of the whole batch, where the
-    other rows weigh zero (per task under PCGrad), and the demonstration rows that keep their own goal
-    weigh what `demo_goal_weights` gives their task."""
-    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate="successful", pcgrad=pcgrad,
+                                                                          imitate, trained_policy):  # noqa: F811
+    """Under `imitate: successful` (and `advantage`) the actor runs RT-1 on the rows it imitates only (under
+    PCGrad, one pass per task); its gradient must equal that of the weighted loss over one pass of the whole
+    batch, where the other rows weigh zero (per task under PCGrad), and the demonstration rows that keep their
+    own goal weigh what `demo_goal_weights` gives their task."""
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate=imitate, pcgrad=pcgrad,
                         demo_goal_weights=demo_goal_weights)
     module.setup("fit")
     module.manual_backward = lambda loss: loss.backward()
@@ -365,10 +366,11 @@ def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad
     own_goal_weight = torch.ones(8)
     for row, task_name in ((0, "reach-v3"), (6, "reach-v3"), (1, "drawer-open-v3")):
         own_goal_weight[row] = (demo_goal_weights or {}).get(task_name, 1.0)
-    assert metrics["actor/imitated"].item() == ((own_goal_weight * batch["reaches_goal"]) > 0).sum().item() / 8
+    imitated = batch["reaches_goal"] if imitate == "successful" else advantage > 0
+    assert metrics["actor/imitated"].item() == ((own_goal_weight * imitated) > 0).sum().item() / 8
 
     module.policy.zero_grad()
-    weights = awr_weights(advantage, module.iql.beta, module.iql.max_weight) * batch["reaches_goal"] * own_goal_weight
+    weights = awr_weights(advantage, module.iql.beta, module.iql.max_weight) * imitated * own_goal_weight
     actions = torch.zeros(8, module.policy.rt1_config.action_chunk, 4)
     actions[:, 0] = batch["action"]
     action_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)
@@ -537,7 +539,8 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3,fly-v3", None, "'fly-v3' is neither a benchmark"),
     (None, "reach-v3", "model: {eval_evry: 5}", "does not accept option 'eval_evry'"),
     (None, "reach-v3", "model: {eval_every: 0}", "model.eval_every: 0 is not a positive integer"),
-    (None, "reach-v3", "model: {imitate: best}", "model.imitate: 'best' is not one of all, successful, ranked"),
+    (None, "reach-v3", "model: {imitate: best}",
+     "model.imitate: 'best' is not one of all, successful, ranked, advantage"),
     (None, "reach-v3", "model: {ranked_samples: 0}", "model.ranked_samples: 0 is not a positive integer"),
     (None, "reach-v3", "model: {task_sampling: tasks}",
      "model.task_sampling: 'tasks' is not one of rows, failures, online_failures"),

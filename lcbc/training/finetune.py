@@ -41,8 +41,10 @@ from lcbc.training.cli import RunFolderCLI, check_checkpoint, config_error, quie
 # hindsight relabels of failed episodes supply successes even on tasks the policy rarely solves (filtered
 # self-imitation); or, at every replay state, the action the critics rank highest among the stored one, the
 # policy's own and `ranked_samples` noisy variants of it ("ranked"): the critics, trained on every
-# transition and relabel, zero rewards included, decide what the actor learns.
-IMITATE = ("all", "successful", "ranked")
+# transition and relabel, zero rewards included, decide what the actor learns; or the transitions whose
+# advantage is positive, from successful and failed episodes alike ("advantage", CRR's binary filter, Wang et
+# al. 2020): the critics' judgement of each action replaces the episode's outcome.
+IMITATE = ("all", "successful", "ranked", "advantage")
 # How a batch divides among the tasks: every stored transition equally likely ("rows": tasks with goal and
 # task relabels fill more of it), or each task in proportion to `solved_task_weight` plus the share of its
 # recent training episodes that failed ("failures": updates go where the policy still fails), or that for the
@@ -305,12 +307,14 @@ class FineTuning(L.LightningModule):
     def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the batch's actions (PCGrad: per task): the
         replay's, or under `imitate: ranked` the critics' choice; with `imitate: successful`, of the transitions
-        that reach their goal only; `demo_goal_weights` scales the named tasks' demonstration rows that keep
-        their own goal."""
+        that reach their goal only, with `imitate: advantage` of those with a positive advantage;
+        `demo_goal_weights` scales the named tasks' demonstration rows that keep their own goal."""
         hp = self.hparams
         weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
         if hp.imitate == "successful":
             weights = weights * batch["reaches_goal"]
+        elif hp.imitate == "advantage":
+            weights = weights * (advantage > 0)
         own_goal_demo = (batch["source"] == DEMO) & (batch["relabel"] == ORIGINAL)
         weights = torch.where(own_goal_demo, weights * self.demo_goal_weight[batch["task"]], weights)
         metrics = {"actor/weight_mean": weights.mean(), "actor/imitated": (weights > 0).float().mean(),
