@@ -153,10 +153,14 @@ def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
     assert relabeled["reaches_goal"].any() == moved
 
 
-@pytest.mark.parametrize("task, strategy", [("reach-v3", "future"), ("pick-place-v3", "episode")])
-def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task, strategy):
+@pytest.mark.parametrize("task, strategy, reward", [
+    ("reach-v3", "future", "dense"), ("pick-place-v3", "episode", "dense"),
+    ("reach-v3", "future", "sparse"), ("push-v3", "episode", "sparse")])
+def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task, strategy, reward):
+    """Dense rewards come from the simulator scorer; sparse ones from the goal interface's distance, which
+    must agree with the success Meta-World's evaluate_state reports for every relabeled goal."""
     episode = expert_episode(task)
-    rows = added(ReplayBuffer(mw(task), 5000, RelabelConfig(reward="dense", goal_strategy=strategy, goal_relabels=3),
+    rows = added(ReplayBuffer(mw(task), 5000, RelabelConfig(reward=reward, goal_strategy=strategy, goal_relabels=3),
                               seed=1), task)
     steps = len(episode["actions"])
     relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
@@ -172,8 +176,8 @@ def test_future_and_episode_goals_are_achieved_positions_scored_by_the_env(task,
         step, goal = relabeled["step"][row], relabeled["goal"][row]
         sources = np.flatnonzero((achieved == goal).all(axis=1))
         assert len(sources) and (strategy == "episode" or sources.max() >= step)
-        reward, success, _ = env_reports(env, relabeled["sim_state"][row], episode["actions"][step], goal)
-        assert relabeled["reward"][row] == np.float32(reward / DENSE_REWARD_MAX)
+        dense, success, _ = env_reports(env, relabeled["sim_state"][row], episode["actions"][step], goal)
+        assert relabeled["reward"][row] == np.float32(dense / DENSE_REWARD_MAX if reward == "dense" else success)
         assert relabeled["terminal"][row] == success
     assert 0 < relabeled["terminal"].sum() < len(relabeled["terminal"])  # zero-reward relabels are kept too
 
