@@ -282,6 +282,31 @@ def test_reset_free_collection_alternates_tasks_that_undo_each_other_without_res
     assert replay.online_size == sum(len(episode.actions) for episode in stored)
 
 
+def test_reset_free_run_counts_its_forced_resets_and_resumes_the_count(trained_policy, tmp_path):  # noqa: F811
+    """Two environments, episodes of at most 10 steps, a reset once 25 steps on one goal variation are done:
+    within 40 steps each, every environment was forced to reset once (at the end of the episode that passes
+    25 steps), whatever it succeeded at; a resumed run starts new episodes (reset, not counted) and goes on
+    counting from the saved number."""
+    config = tmp_path / "config.yaml"
+    config.write_text("""
+seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, log_every_n_steps: 1, enable_progress_bar: false, enable_model_summary: false}
+checkpoint: {save_last: true, save_top_k: 0, every_n_train_steps: 10}
+model: {envs_per_task: 1, max_episode_steps: 10, reset_free_steps: 25, replay_capacity: 2000, learning_starts: 20,
+        actor_starts: 40, batch_size: 16, critic_hidden: 16, eval_every: 100000, eval_episodes: 1}
+""")
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    command = ["finetune", "--policy", str(trained_policy), "--benchmark", "metaworld:drawer-open-v3,drawer-close-v3",
+               "--config", str(config), "--reset-free"]
+    main([*command, "--out", str(run), "--", "--model.total_env_steps", "80"])
+    assert max(metrics(run)["collect/forced_resets"]) == 2
+    assert saved_state(run)["lcbc_finetune"]["collector"]["forced_resets"] == 2
+    shutil.copytree(run / "checkpoints", resumed / "checkpoints")
+    main([*command, "--out", str(resumed), "--resume", "--", "--model.total_env_steps", "160"])
+    counted = metrics(resumed)["collect/forced_resets"]
+    assert min(counted) == 2 and max(counted) == 4
+
+
 @pytest.mark.parametrize("scale", ["fixed", "uniform"])
 def test_exploration_scale_is_the_same_every_episode_or_drawn_for_each(scale):
     collector = Collector(load_benchmark("metaworld:reach-v3"), max_episode_steps=200, exploration_scale=scale)
