@@ -282,6 +282,19 @@ def test_reset_free_collection_alternates_tasks_that_undo_each_other_without_res
     assert replay.online_size == sum(len(episode.actions) for episode in stored)
 
 
+def test_reset_free_environment_stuck_in_failures_is_reset():
+    """An actor that never moves fails every 5-step episode: each second failure in a row resets."""
+    benchmark = load_benchmark("metaworld:drawer-open-v3,drawer-close-v3")
+    collector = Collector(benchmark, max_episode_steps=5, exploration_std=0.0, reset_free=True,
+                          reset_free_failures=2)
+    still = type("Still", (), {"reset": lambda self, done: None,
+                               "__call__": lambda self, obs, jobs: np.zeros((len(jobs), 4))})()
+    replay = ReplayBuffer(benchmark, 2000)
+    for _ in range(30):  # six episodes per environment
+        collector.step(still, replay)
+    assert collector.stuck_resets == 2 * 3 and collector.forced_resets == 0
+
+
 def test_reset_free_run_counts_its_forced_resets_and_resumes_the_count(trained_policy, tmp_path):  # noqa: F811
     """Two environments, episodes of at most 10 steps, a reset once 25 steps on one goal variation are done:
     within 40 steps each, every environment was forced to reset once (at the end of the episode that passes
@@ -587,6 +600,8 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3,drawer-open-v3", "model: {reset_free: true}",
      "model.reset_free: no task of metaworld:reach-v3,drawer-open-v3 has the task that undoes it"),
     (None, "reach-v3", "model: {reset_free_steps: 0}", "model.reset_free_steps: 0 is not a positive integer"),
+    (None, "reach-v3", "model: {reset_free_failures: -1}",
+     "model.reset_free_failures: -1 is not a non-negative integer"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):

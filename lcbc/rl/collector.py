@@ -22,7 +22,8 @@ Reset-free practice (`reset_free`): an environment whose task has a reverse in t
 drawer-close) is not reset when an episode ends. After a success it goes on as the reverse task from where
 the robot and objects are (`env.switch_task`), after a failure as the same task, so each direction starts
 where the other left off, as a robot without a person to reset its scene practises. Only a hard limit of
-`reset_free_steps` environment steps on one goal variation resets it (`forced_resets` counts those).
+`reset_free_steps` environment steps on one goal variation resets it (`forced_resets` counts those), or a
+stuck state: `reset_free_failures` failed episodes in a row (`stuck_resets`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Collector:
     def __init__(self, benchmark, envs_per_task: int = 1, max_episode_steps: int = 500,
                  exploration_std: float = 0.1, exploration_noise: str = "white", exploration_scale: str = "fixed",
                  seed: int = 0, recent: int = 100, recent_per_task: int = 20, task_collection: str = "uniform",
-                 solved_task_weight: float = 0.25, reset_free: bool = False, reset_free_steps: int = 2000):
+                 solved_task_weight: float = 0.25, reset_free: bool = False, reset_free_steps: int = 2000,
+                 reset_free_failures: int = 0):
         if exploration_noise not in NOISE:
             raise ValueError(f"exploration_noise: {exploration_noise!r} is not one of {', '.join(NOISE)}")
         if exploration_scale not in NOISE_SCALE:
@@ -105,10 +107,13 @@ class Collector:
         self._episodes: list[Episode | None] = [None] * len(self.envs)
         self._observations: list[dict | None] = [None] * len(self.envs)
         self.reset_free, self.reset_free_steps = reset_free, reset_free_steps
+        self.reset_free_failures = reset_free_failures
+        self._failures_in_row = [0] * len(self.envs)
         # Reset-free: the task (and its episode number) a slot goes on as without a reset, else None.
         self._go_on_as: list[tuple[str, int] | None] = [None] * len(self.envs)
         self._scene_steps = [0] * len(self.envs)  # steps since the slot's environment was last reset
         self.forced_resets = 0  # reset-free environments reset by the hard limit
+        self.stuck_resets = 0  # and by `reset_free_failures` failures in a row
 
     def _next_task(self, current: str) -> str:
         if self.task_collection == "uniform":
@@ -183,8 +188,13 @@ class Collector:
         reverse = self.benchmark.reverse(episode.task)
         if not self.reset_free or reverse not in self.tasks:
             return None
+        self._failures_in_row[i] = 0 if success else self._failures_in_row[i] + 1
         if self._scene_steps[i] >= self.reset_free_steps:
             self.forced_resets += 1
+            return None
+        if self.reset_free_failures and self._failures_in_row[i] >= self.reset_free_failures:
+            self.stuck_resets += 1
+            self._failures_in_row[i] = 0
             return None
         return (reverse if success else episode.task), episode.number
 
@@ -207,13 +217,13 @@ class Collector:
         """What a resumed run needs to go on where this one stopped: which goal each task runs next and the
         noise generator. Episodes in flight are not kept; a resumed run starts new ones."""
         return {"episodes_started": dict(self.episodes_started), "rng": self.rng.bit_generator.state,
-                "forced_resets": self.forced_resets,
+                "forced_resets": self.forced_resets, "stuck_resets": self.stuck_resets,
                 "recent_successes": list(self.recent_successes),
                 "task_successes": {task: list(outcomes) for task, outcomes in self.task_successes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.episodes_started.update(state["episodes_started"])
-        self.forced_resets = state.get("forced_resets", 0)
+        self.forced_resets, self.stuck_resets = state.get("forced_resets", 0), state.get("stuck_resets", 0)
         self.rng.bit_generator.state = state["rng"]
         self.recent_successes.extend(state["recent_successes"])
         for task, outcomes in state["task_successes"].items():

@@ -92,7 +92,8 @@ class FineTuning(L.LightningModule):
                  critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
                  policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
-                 eval_envs_per_task: int = 1, reset_free: bool = False, reset_free_steps: int = 2000, seed: int = 0):
+                 eval_envs_per_task: int = 1, reset_free: bool = False, reset_free_steps: int = 2000,
+                 reset_free_failures: int = 0, seed: int = 0):
         super().__init__()
         self.actor_augmentation = actor_augmentation
         self.save_hyperparameters(ignore=["actor_augmentation"])  # the config keeps it; checkpoints hold plain data
@@ -119,6 +120,8 @@ class FineTuning(L.LightningModule):
         if reset_free and not any(self.benchmark.reverse(task) in tasks for task in tasks):
             raise UserError(f"model.reset_free: no task of {self.benchmark.name} has the task that undoes it among "
                             "the tasks (Benchmark.reverse), so nothing can practise without resets")
+        if isinstance(reset_free_failures, bool) or not isinstance(reset_free_failures, int) or reset_free_failures < 0:
+            raise UserError(f"model.reset_free_failures: {reset_free_failures!r} is not a non-negative integer")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -168,7 +171,8 @@ class FineTuning(L.LightningModule):
         self.collector = Collector(self.benchmark, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
                                    task_collection=hp.task_collection, solved_task_weight=hp.solved_task_weight,
-                                   reset_free=hp.reset_free, reset_free_steps=hp.reset_free_steps)
+                                   reset_free=hp.reset_free, reset_free_steps=hp.reset_free_steps,
+                                   reset_free_failures=hp.reset_free_failures)
         self.actor = PolicyActor(self.policy)
 
     def on_fit_start(self) -> None:
@@ -224,7 +228,8 @@ class FineTuning(L.LightningModule):
                 self.log_dict({f"collect/{task}": 1.0 - rate
                                for task, rate in zip(self.tasks, self.collector.failure_rates())})
                 if hp.reset_free:
-                    self.log("collect/forced_resets", float(self.collector.forced_resets))
+                    self.log_dict({"collect/forced_resets": float(self.collector.forced_resets),
+                                   "collect/stuck_resets": float(self.collector.stuck_resets)})
         if self.env_steps >= hp.learning_starts:
             for _ in range(hp.updates_per_step):
                 metrics = self._update()
