@@ -184,7 +184,7 @@ class Collector:
 
     def _reset_free_next(self, i: int, episode: Episode, success: bool) -> tuple[str, int] | None:
         """Under `reset_free`, what slot i goes on as without a reset: the reverse task after a success, the
-        same task after a failure; None (a reset) for tasks without a reverse and at the hard limit."""
+        same task after a failure; None (a reset) for tasks without a reverse, at the hard limit and when stuck."""
         reverse = self.benchmark.reverse(episode.task)
         if not self.reset_free or reverse not in self.tasks:
             return None
