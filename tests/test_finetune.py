@@ -295,6 +295,20 @@ def test_reset_free_environment_stuck_in_failures_is_reset():
     assert collector.stuck_resets == 2 * 3 and collector.forced_resets == 0
 
 
+def test_reset_free_failure_count_starts_again_after_a_forced_reset():
+    """Two 5-step failures fill the 10-step limit: the forced reset clears the count, so the next
+    goal variation gets its own two tries and no stuck reset ever comes first."""
+    benchmark = load_benchmark("metaworld:drawer-open-v3,drawer-close-v3")
+    collector = Collector(benchmark, max_episode_steps=5, exploration_std=0.0, reset_free=True,
+                          reset_free_steps=10, reset_free_failures=2)
+    still = type("Still", (), {"reset": lambda self, done: None,
+                               "__call__": lambda self, obs, jobs: np.zeros((len(jobs), 4))})()
+    replay = ReplayBuffer(benchmark, 2000)
+    for _ in range(30):  # six episodes per environment
+        collector.step(still, replay)
+    assert collector.forced_resets == 2 * 3 and collector.stuck_resets == 0
+
+
 def test_reset_free_run_counts_its_forced_resets_and_resumes_the_count(trained_policy, tmp_path):  # noqa: F811
     """Two environments, episodes of at most 10 steps, a reset once 25 steps on one goal variation are done:
     within 40 steps each, every environment was forced to reset once (at the end of the episode that passes

@@ -191,6 +191,7 @@ class Collector:
         self._failures_in_row[i] = 0 if success else self._failures_in_row[i] + 1
         if self._scene_steps[i] >= self.reset_free_steps:
             self.forced_resets += 1
+            self._failures_in_row[i] = 0  # a fresh goal variation starts its own count
             return None
         if self.reset_free_failures and self._failures_in_row[i] >= self.reset_free_failures:
             self.stuck_resets += 1
