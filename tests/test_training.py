@@ -116,6 +116,23 @@ def test_training_is_deterministic_with_a_seed(task_file, tmp_path):
     assert torch.equal(weights[0], weights[1])
 
 
+def test_instruction_noise_blurs_instructions_in_training_only(task_file, tmp_path):
+    L.seed_everything(0)
+    model = BehaviorCloning(history=2, instruction_noise=0.5)
+    _trainer(tmp_path, 3).fit(model, DemoDataModule(str(task_file), history=2, batch_size=16))
+    encoder = model.policy.task_encoder
+    ids = torch.zeros(4000, dtype=torch.long)
+    clean, noisy = encoder.eval()(instruction_id=ids), encoder.train()(instruction_id=ids)
+    assert torch.equal(clean[0], clean[-1])
+    offsets = (noisy - clean).norm(dim=1)
+    assert abs(float(offsets.mean()) - 0.5) < 0.02 and float(offsets.min()) > 0.3
+    export = model.export_policy()
+    assert export.task_encoder.instruction_noise == 0.5 and not export.training  # used in eval mode: clean
+    model.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "policy")])
+    assert LanguagePolicy.from_pretrained(tmp_path / "policy").task_encoder.instruction_noise == 0.0
+
+
 def test_goal_and_onehot_conditioning_train(tmp_path, task_file):
     for mode, goal in (("onehot", "none"), ("goal", "future")):
         model = BehaviorCloning(history=1, task_mode=mode, goal_keys=["state"] if mode == "goal" else None)

@@ -74,7 +74,10 @@ class TaskEncoder(nn.Module):
       instruction is embedded by the text model and cached (see `instruction_vector`). Embeddings are
       centered on the vocabulary's mean and scaled to unit average norm: sentence embeddings share a
       large common component ("open the drawer" and "close the drawer" have cosine 0.90), and
-      removing it lets the policy tell instructions apart from the first updates.
+      removing it lets the policy tell instructions apart from the first updates. With
+      `instruction_noise` > 0, training adds Gaussian noise of that norm to each instruction vector, so
+      the policy acts on the neighbourhood of a trained wording, where unseen paraphrases fall, and not
+      on the exact point alone.
     - onehot: a one-hot vector of the task id.
     - goal: trained with the policy: a small MLP on the normalized low-dimensional goal observation,
       and, for goal images, a small convolutional encoder whose features join the MLP's input.
@@ -92,6 +95,7 @@ class TaskEncoder(nn.Module):
         self.register_buffer("embedding_center", torch.zeros(text_dim))
         self.register_buffer("embedding_scale", torch.ones(()))
         self.goal_image_keys = list(goal_image_keys or [])
+        self.instruction_noise = 0.0  # a training setting: set by the trainer, not saved with the policy
         if mode == "goal":
             image_features = 64 if self.goal_image_keys else 0
             if self.goal_image_keys:
@@ -141,7 +145,12 @@ class TaskEncoder(nn.Module):
         if self.mode == "language":
             if instruction_vectors is None:
                 instruction_vectors = self.instruction_embeddings[instruction_id]
-            return (instruction_vectors - self.embedding_center) / self.embedding_scale
+            vectors = (instruction_vectors - self.embedding_center) / self.embedding_scale
+            if self.training and self.instruction_noise:
+                # The centered vectors have unit average norm: per-dimension std noise/sqrt(dim) gives
+                # noise vectors of norm ~instruction_noise.
+                vectors = vectors + torch.randn_like(vectors) * (self.instruction_noise / vectors.shape[-1] ** 0.5)
+            return vectors
         if self.mode == "onehot":
             return nn.functional.one_hot(task_id, len(self.tasks)).float()
         features = [goal] if goal is not None else []

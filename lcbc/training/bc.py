@@ -36,6 +36,8 @@ class BehaviorCloning(L.LightningModule):
         normalization: "dimension" (each observation dimension by its std) or "key" (one scale per key,
             which keeps the geometry of position vectors; see `Normalizer`).
         goal_keys: observation keys the goal encoder reads (task_mode "goal").
+        instruction_noise: language mode: Gaussian noise of this norm (the instruction vectors' average norm
+            is 1) added to each instruction vector in training, so unseen wordings near a trained one act like it.
         ema_decay: keep an exponential moving average of the weights for validation and export.
         pcgrad: gradient surgery between the tasks of each batch (lcbc.rl.pcgrad): every task's mean loss
             gets its own gradient, conflicting components are projected away, and the results are averaged.
@@ -47,7 +49,8 @@ class BehaviorCloning(L.LightningModule):
                  action_chunk: int = 1, task_mode: str = "language", normalization: str = "dimension",
                  goal_keys: list[str] | None = None,
                  text_model: str = DEFAULT_TEXT_MODEL, lr: float = 3e-4, weight_decay: float = 0.01,
-                 warmup_steps: int = 200, ema_decay: float | None = None, pcgrad: bool = False,
+                 warmup_steps: int = 200, instruction_noise: float = 0.0, ema_decay: float | None = None,
+                 pcgrad: bool = False,
                  gradient_clip: float | None = 1.0):
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +68,7 @@ class BehaviorCloning(L.LightningModule):
         self.policy = LanguagePolicy(rt1, spec["stats"], spec["low_dim_keys"], spec["image_keys"],
                                      spec["instructions"], spec["tasks"], self.hparams.task_mode,
                                      self.hparams.goal_keys, self.hparams.text_model, self.hparams.normalization)
+        self.policy.task_encoder.instruction_noise = self.hparams.instruction_noise
         if self.hparams.ema_decay:
             self.ema = AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay),
                                      use_buffers=True).requires_grad_(False)
