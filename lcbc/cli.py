@@ -121,13 +121,13 @@ def cmd_export(args) -> None:
     print(f"exported policy to {out}")
 
 
-def _load_policy(directory: str):
+def _load_policy(directory: str, snap_cosine: float = 0.0):
     import torch
 
     from lcbc.policies.language_policy import LanguagePolicy
 
     torch.set_num_threads(1)  # small batched forward passes: one thread is fastest on few cores
-    return LanguagePolicy.from_pretrained(directory)
+    return LanguagePolicy.from_pretrained(directory, snap_cosine)
 
 
 def policy_camera(policy, benchmark) -> tuple[str | None, int]:
@@ -191,7 +191,7 @@ def cmd_eval(args) -> None:
     instructions = None
     if args.instructions and args.instructions != "unseen":
         instructions = _instruction_file(args.instructions, tasks)
-    policy = _load_policy(args.policy)
+    policy = _load_policy(args.policy, args.snap)
     if args.blind is not None and policy.config["task_mode"] != "language":
         raise UserError(f"--blind: the policy is conditioned on {policy.config['task_mode']}, not on words")
     if args.instructions == "unseen":  # the benchmark's phrasings this policy was never trained on
@@ -285,7 +285,7 @@ def cmd_act(args) -> None:
     if len(args.instruction) > 1 and not chains:
         raise UserError(f"several instructions: no tasks of {args.task}'s scene in {benchmark.name} can follow each "
                         "other in one episode (the benchmark's can_follow)")
-    policy = _load_policy(args.policy)
+    policy = _load_policy(args.policy, args.snap)
     language = policy.config["task_mode"] == "language"
     if len(args.instruction) > 1 and not language:
         raise UserError(f"several instructions: the policy is conditioned on {policy.config['task_mode']}, not on "
@@ -367,6 +367,8 @@ def cmd_finetune(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lcbc.serving.server import SNAP_HELP, add_serve_parser
+
     parser = argparse.ArgumentParser(prog="lcbc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -435,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--envs-per-task", type=int, default=10)
     evaluate.add_argument("--workers", type=int, default=1, help="processes that step environments, each with its "
                           "own copy of the policy: up to one per core (default 1)")
+    evaluate.add_argument("--snap", type=float, default=0.0, metavar="COSINE", help=SNAP_HELP)
     evaluate.add_argument("--no-expert", action="store_true", help="skip the scripted expert's reference run")
     evaluate.add_argument("--obedience", action="store_true", help="tasks sharing one scene (libero:goal): from the "
                           "same starts, every task's instructions; table of which task's goal each reached")
@@ -451,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--task", required=True, help="the task whose scene the episode runs in, e.g. drawer-open-v3")
     act.add_argument("instruction", nargs="+", help="several: each given once the one before is done (scenes whose "
                      "tasks can follow each other, libero:goal)")
+    act.add_argument("--snap", type=float, default=0.0, metavar="COSINE", help=SNAP_HELP)
     act.add_argument("--video", help="GIF path (default: <task>.gif)")
     act.add_argument("--split", default="validation", help="the split whose goal variation the scene takes")
     act.add_argument("--episode", type=int, default=0, help="which goal variation of the split")
@@ -483,8 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
                           ("test", "the test loss of a checkpoint: lcbc test --config ... --ckpt_path")):
         # Listed here for --help; main() hands these to LightningCLI, whose own --help lists their options.
         commands.add_parser(name, help=purpose, add_help=False)
-
-    from lcbc.serving.server import add_serve_parser
 
     add_serve_parser(commands)
     return parser

@@ -121,6 +121,15 @@ def test_new_instruction_is_embedded_and_cache_is_bounded(client, reference, mon
     assert set(lookup) == {*INSTRUCTIONS, "push the drawer shut"}
 
 
+def test_snap_serves_a_paraphrase_as_its_nearest_trained_instruction(policy_dir):
+    obs, paraphrase = _observation(2), "pull the drawer towards you"
+    _, cosine = LanguagePolicy.from_pretrained(policy_dir).task_encoder.nearest_instruction(paraphrase)
+    for snap, same in ((cosine, True), (min(1.0, cosine + 0.01), False)):
+        with TestClient(create_app(policy_dir, snap_cosine=snap)) as snapping:
+            actions = [_act(snapping, obs, text)["action"] for text in (paraphrase, "open the drawer")]
+        assert (actions[0] == actions[1]) == same
+
+
 def test_session_keeps_history_and_reset_clears_it(client, reference):
     first, second = _observation(2), _observation(3)
     _act(client, first, session_id="episode-a")
@@ -308,4 +317,4 @@ def test_serve_parser_defaults_to_loopback(monkeypatch):
     assert (args.policy, args.host, args.port) == ("runs/policy", "127.0.0.1", 8000)
     args.run(args)
     assert calls == [(("runs/policy",), {"host": "127.0.0.1", "port": 8000, "max_sessions": 1024,
-                                         "access_log": True})]
+                                         "access_log": True, "snap_cosine": 0.0})]

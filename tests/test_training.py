@@ -17,6 +17,7 @@ from lcbc.data.datamodule import DemoDataModule
 from lcbc.data.hdf5 import DemoWriter
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.rl.pcgrad import split_by_task
+from lcbc.tasks.encoders import TaskEncoder
 from lcbc.training.bc import BehaviorCloning
 from lcbc.training.cli import LcbcCLI
 
@@ -131,6 +132,30 @@ def test_instruction_noise_blurs_instructions_in_training_only(task_file, tmp_pa
     model.trainer.save_checkpoint(tmp_path / "last.ckpt")
     main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "policy")])
     assert LanguagePolicy.from_pretrained(tmp_path / "policy").task_encoder.instruction_noise == 0.0
+
+
+def test_snap_reads_a_close_paraphrase_as_its_trained_instruction(task_file, tmp_path, capsys):
+    trained = ["open the drawer", "push the puck to the goal"]
+    raw, snapping = (TaskEncoder("language", trained, ["drawer", "puck"]) for _ in range(2))
+    for encoder in (raw, snapping):
+        encoder.embed_vocabulary()
+    paraphrase, unrelated = "pull the drawer open", "what a lovely day it is"
+    (nearest, close), (_, far) = raw.nearest_instruction(paraphrase), raw.nearest_instruction(unrelated)
+    assert nearest == "open the drawer" and far < close
+    snapping.snap_cosine = (close + far) / 2
+    assert torch.equal(snapping.instruction_vector(paraphrase), snapping.instruction_embeddings[0])
+    assert not torch.equal(raw.instruction_vector(paraphrase), raw.instruction_embeddings[0])  # off by default
+    far_vector = snapping.instruction_vector(unrelated)
+    assert not any(torch.allclose(far_vector, row) for row in snapping.instruction_embeddings)
+    assert snapping.nearest_instruction(paraphrase) == (nearest, close)  # the wording's own cosine, not 1
+    model = BehaviorCloning(history=1)
+    _trainer(tmp_path, 1).fit(model, DemoDataModule(str(task_file), history=1, batch_size=16))
+    model.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "policy")])
+    assert LanguagePolicy.from_pretrained(tmp_path / "policy", 0.8).task_encoder.snap_cosine == 0.8
+    with pytest.raises(SystemExit) as exit_:
+        main(["act", "--policy", str(tmp_path / "policy"), "--task", "reach-v3", "--snap", "1.5", "reach"])
+    assert exit_.value.code == 2 and "snap cosine must be within 0..1" in capsys.readouterr().err
 
 
 def test_goal_and_onehot_conditioning_train(tmp_path, task_file):

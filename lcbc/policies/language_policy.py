@@ -260,8 +260,12 @@ class LanguagePolicy(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> LanguagePolicy:
-        """Load an exported policy folder; anything damaged or inconsistent is one UserError naming the file."""
+    def from_pretrained(cls, directory: str | Path, snap_cosine: float = 0.0) -> LanguagePolicy:
+        """Load an exported policy folder; anything damaged or inconsistent is one UserError naming the file.
+        `snap_cosine` > 0: an unseen instruction at least that close (cosine) to a trained one is read as
+        it (see TaskEncoder)."""
+        if not 0.0 <= snap_cosine <= 1.0:
+            raise UserError(f"snap cosine must be within 0..1 (0: off), got {snap_cosine}")
         directory = Path(directory)
         for name in ("config.json", "normalization.json", "model.safetensors"):
             if not (directory / name).is_file():
@@ -289,4 +293,5 @@ class LanguagePolicy(nn.Module):
             detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
             raise UserError(f"{directory}: config.json and normalization.json disagree with model.safetensors "
                             f"({detail[:200]})") from None
+        policy.task_encoder.snap_cosine = snap_cosine
         return policy.eval()

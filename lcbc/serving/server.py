@@ -340,7 +340,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(policy_dir: str, max_sessions: int = 1024, max_body_bytes: int = 4 * MiB) -> "FastAPI":
+def create_app(policy_dir: str, max_sessions: int = 1024, max_body_bytes: int = 4 * MiB,
+               snap_cosine: float = 0.0) -> "FastAPI":
     """A FastAPI app serving the exported policy in `policy_dir`; `app.state.service` is its PolicyService."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -348,7 +349,7 @@ def create_app(policy_dir: str, max_sessions: int = 1024, max_body_bytes: int = 
 
     from lcbc.policies.language_policy import LanguagePolicy
 
-    service = PolicyService(LanguagePolicy.from_pretrained(policy_dir), max_sessions)
+    service = PolicyService(LanguagePolicy.from_pretrained(policy_dir, snap_cosine), max_sessions)
     app = FastAPI(title="lcbc policy server", description="Actions from an exported lcbc LanguagePolicy.")
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -389,7 +390,7 @@ def create_app(policy_dir: str, max_sessions: int = 1024, max_body_bytes: int = 
 
 
 def serve(policy_dir: str, host: str = "127.0.0.1", port: int = 8000, max_sessions: int = 1024,
-          access_log: bool = True) -> None:
+          access_log: bool = True, snap_cosine: float = 0.0) -> None:
     """Run the server with uvicorn (one process; blocks). Binds loopback by default: there is no
     authentication, so expose it beyond this machine only behind something that provides it."""
     import torch
@@ -398,7 +399,7 @@ def serve(policy_dir: str, host: str = "127.0.0.1", port: int = 8000, max_sessio
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
     torch.set_num_threads(1)  # small forward passes are several times faster single-threaded on few cores
-    app = create_app(policy_dir, max_sessions=max_sessions)
+    app = create_app(policy_dir, max_sessions=max_sessions, snap_cosine=snap_cosine)
     logging.basicConfig(level=logging.INFO)
     if host not in LOOPBACK_HOSTS:
         log.warning("serving on %s: reachable from other machines, with no authentication", host)
@@ -407,7 +408,11 @@ def serve(policy_dir: str, host: str = "127.0.0.1", port: int = 8000, max_sessio
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     serve(args.policy, host=args.host, port=args.port, max_sessions=args.max_sessions,
-          access_log=not args.no_access_log)
+          access_log=not args.no_access_log, snap_cosine=args.snap)
+
+
+SNAP_HELP = ("read an unseen instruction as its nearest trained one when their cosine is at least this (0, the "
+             "default: off): a paraphrase of a trained task is then that task")
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -419,6 +424,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=1024,
                         help="sessions kept; the least recently used beyond this are dropped")
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    parser.add_argument("--snap", type=float, default=0.0, metavar="COSINE", help=SNAP_HELP)
     parser.set_defaults(run=_cmd_serve)
     return parser
 

@@ -77,7 +77,9 @@ class TaskEncoder(nn.Module):
       removing it lets the policy tell instructions apart from the first updates. With
       `instruction_noise` > 0, training adds Gaussian noise of that norm to each instruction vector, so
       the policy acts on the neighbourhood of a trained wording, where unseen paraphrases fall, and not
-      on the exact point alone.
+      on the exact point alone. With `snap_cosine` > 0, an unseen wording whose nearest trained one is at
+      least that close (cosine) is given the trained one's vector: a policy that serves a fixed set of
+      tasks then reads a paraphrase as the task it names, and a wording far from all of them as before.
     - onehot: a one-hot vector of the task id.
     - goal: trained with the policy: a small MLP on the normalized low-dimensional goal observation,
       and, for goal images, a small convolutional encoder whose features join the MLP's input.
@@ -96,6 +98,7 @@ class TaskEncoder(nn.Module):
         self.register_buffer("embedding_scale", torch.ones(()))
         self.goal_image_keys = list(goal_image_keys or [])
         self.instruction_noise = 0.0  # a training setting: set by the trainer, not saved with the policy
+        self.snap_cosine = 0.0  # an inference setting: set when the policy is loaded, before any instruction
         if mode == "goal":
             image_features = 64 if self.goal_image_keys else 0
             if self.goal_image_keys:
@@ -117,18 +120,28 @@ class TaskEncoder(nn.Module):
             self.embedding_scale.fill_((embeddings - embeddings.mean(0)).norm(dim=1).mean().clamp_min(1e-3))
 
     def instruction_vector(self, instruction: str) -> torch.Tensor:
-        """The embedding of one instruction: from the table, else computed once and cached."""
+        """The vector the policy is given for one instruction: a trained one's from the table; an unseen
+        one's embedding, or with `snap_cosine` its nearest trained one's, computed once and cached."""
         if instruction not in self._lookup:
-            vector = embed_instructions([instruction], self.text_model).to(self.instruction_embeddings)
-            self._lookup[instruction] = vector[0]
+            vector = self._embed(instruction)
+            if self.snap_cosine and len(self.instructions):
+                cosines = self.instruction_embeddings @ vector
+                if cosines.max() >= self.snap_cosine:
+                    vector = self.instruction_embeddings[int(cosines.argmax())]
+            self._lookup[instruction] = vector
         return self._lookup[instruction]
 
     def nearest_instruction(self, instruction: str) -> tuple[str, float]:
         """The training instruction closest to `instruction` in the text model's space, and their cosine:
         what a policy falls back on for wording it was never trained near."""
-        cosines = self.instruction_embeddings @ self.instruction_vector(instruction)
+        cosines = self.instruction_embeddings @ self._embed(instruction)
         best = int(cosines.argmax())
         return self.instructions[best], float(cosines[best])
+
+    def _embed(self, instruction: str) -> torch.Tensor:
+        if instruction in self.instructions:
+            return self.instruction_embeddings[self.instructions.index(instruction)]
+        return embed_instructions([instruction], self.text_model)[0].to(self.instruction_embeddings)
 
     @functools.cached_property
     def _lookup(self) -> dict[str, torch.Tensor]:
