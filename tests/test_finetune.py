@@ -173,6 +173,30 @@ def test_q_regresses_onto_reward_plus_discounted_next_value_or_an_absorbing_succ
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_return_bound_lifts_q_target_to_the_stored_return_and_never_lowers_it():
+    """With `return_bound`, a row whose episode went on to collect more than r + gamma V(s') promises is
+    regressed onto that return; a row whose TD target is already higher keeps it."""
+    torch.manual_seed(0)
+    critics = Critics(3, 2, hidden=8, layers=1)
+    state, next_state, action = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 2)
+    reward, terminal = torch.tensor([0.0, 0.0]), torch.tensor([False, False])
+    with torch.no_grad():
+        td = 0.9 * critics.value(next_state)
+    returns = torch.stack([td[0] + 0.5, td[1] - 0.5])
+    bounded, _, metrics = critic_loss(critics, IQLConfig(gamma=0.9, return_bound=True), state, action, reward,
+                                      terminal, next_state, returns=returns)
+    unbounded, _, _ = critic_loss(critics, IQLConfig(gamma=0.9), state, action, reward, terminal, next_state,
+                                  returns=returns)
+    with torch.no_grad():
+        q, value = critics.q_values(state, action), critics.value(state)
+        expected = expectile_loss(critics.q_values(state, action, target=True).min(0).values - value, 0.9)
+        lifted = expected + (q - torch.stack([returns[0], td[1]])).square().mean(1).sum()
+        plain = expected + (q - td).square().mean(1).sum()
+    assert bounded.item() == pytest.approx(lifted.item(), rel=1e-6)
+    assert unbounded.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert metrics["bound_active"].item() == 0.5
+
+
 def test_rows_left_out_of_the_critics_losses_still_get_an_advantage():
     """`trains` (FineTuning's `critic_failed_relabels: false`) keeps rows out of the critics' losses, as if
     the batch held only the others; the actor's advantage still covers every row."""

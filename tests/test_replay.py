@@ -32,6 +32,7 @@ from lcbc.rl.replay import (
     Episode,
     RelabelConfig,
     ReplayBuffer,
+    discounted_return,
 )
 from tests.conftest import write_demo_file
 
@@ -151,6 +152,34 @@ def test_reaches_goal_marks_transitions_followed_by_success(task, steps):
     is_final = (relabeled["goal"] == final_goal).all(axis=1)
     assert (relabeled["reaches_goal"][last] == (is_final[last] & moved)).all()
     assert relabeled["reaches_goal"].any() == moved
+
+
+def test_discounted_return_stops_at_each_terminal_step():
+    """A terminal step's return is its reward alone (nothing after a success counts, as in Q's target); the
+    steps before add their own rewards to the discounted rest; an episode cut off gets what it collected."""
+    reward = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 0.5])
+    terminal = np.array([False, False, True, True, False, False])
+    np.testing.assert_allclose(discounted_return(reward, terminal, 0.5), [0.25, 0.5, 1.0, 1.0, 0.25, 0.5])
+
+
+def test_every_row_stores_its_return_under_its_own_goal():
+    """The original rows of a successful expert episode are worth gamma ** (steps to the success); each
+    hindsight row is worth the same toward its own goal, zero where it never gets there."""
+    buffer = ReplayBuffer(mw("reach-v3"), 5000, RelabelConfig(goal_strategy="future", goal_relabels=2), gamma=0.9)
+    rows = added(buffer, "reach-v3")
+    for kind in (ORIGINAL, GOAL_RELABEL):
+        part = select(rows, rows["relabel"] == kind)
+        for copy in range(1 if kind == ORIGINAL else 2):
+            one = select(part, np.arange(len(part["step"])) // len(np.unique(part["step"])) == copy)
+            np.testing.assert_allclose(one["return"], discounted_return(one["reward"], one["terminal"], 0.9),
+                                       rtol=1e-5)
+    original = select(rows, rows["relabel"] == ORIGINAL)
+    first_success = int(np.argmax(original["terminal"]))
+    np.testing.assert_allclose(original["return"][:first_success + 1],
+                               0.9 ** np.arange(first_success, -1, -1), rtol=1e-5)
+    relabeled = select(rows, rows["relabel"] == GOAL_RELABEL)
+    assert (relabeled["return"][~relabeled["reaches_goal"] & (relabeled["reward"] == 0)] >= 0).all()
+    assert relabeled["return"][relabeled["reaches_goal"]].min() > 0
 
 
 @pytest.mark.parametrize("task, strategy, reward", [

@@ -14,7 +14,8 @@ Read top to bottom. Notation: s state, z task vector, a action, r reward, d term
                        with tau > 0.5 V approaches the best in-distribution action's value, not the mean.
 4. ``critic_loss``  -- L_V = E[|tau - 1(u < 0)| u^2], u = min_i Qtarget_i(s, a) - V(s)
                        L_Q = sum_i E[(r + gamma (1 - d) V(s') + gamma d G - Q_i(s, a))^2]
-                       G = 0, or r / (1 - gamma) with `absorbing_success` (see IQLConfig)
+                       G = 0, or r / (1 - gamma) with `absorbing_success` (see IQLConfig); with
+                       `return_bound` the target is at least the transition's own discounted return
 5. ``awr_weights``  -- w = min(exp(beta A / std(A)), max_weight), A = min_i Qtarget_i(s, a) - V(s), std over
                        the batch: beta is a temperature in units of the batch's advantage spread
 6. ``actor_loss``   -- L_pi = -E[w log pi(a | s, z)] (per task when PCGrad takes the tasks apart).
@@ -50,6 +51,10 @@ class IQLConfig:
     # rewards, where an episode that ends at success would otherwise be worth less than one that hovers
     # next to the goal collecting nearly the same reward every step; sparse rewards end at their only 1.
     absorbing_success: bool = False
+    # Q's target is at least the return the stored episode went on to collect from the transition (a
+    # Monte-Carlo lower bound, as Cal-QL bounds by a reference policy's return): a sparse success reaches
+    # every earlier step of its episode at once instead of one TD backup per update.
+    return_bound: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,15 +149,21 @@ def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
 
 
 def critic_loss(critics: Critics, config: IQLConfig, state: Tensor, action: Tensor, reward: Tensor,
-                terminal: Tensor, next_state: Tensor, trains: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                terminal: Tensor, next_state: Tensor, trains: Tensor | None = None,
+                returns: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """IQL's V and Q losses (summed: they train disjoint networks) over the rows `trains` marks (all when
-    None), and the advantage min_i Qtarget_i(s, a) - V(s) (detached) of every row, which weights the actor."""
+    None), and the advantage min_i Qtarget_i(s, a) - V(s) (detached) of every row, which weights the actor.
+    `returns` (each row's discounted return in its episode) bound Q's target from below with `return_bound`."""
     with torch.no_grad():
         target_q = critics.q_values(state, action, target=True).min(0).values
         after = torch.where(terminal, reward / (1 - config.gamma) if config.absorbing_success else 0.0,
                             critics.value(next_state))
         td_target = reward + config.gamma * after
+        if config.return_bound:
+            if returns is None:
+                raise ValueError("critic_loss: return_bound needs the rows' returns")
+            bound_active = (returns > td_target).float().mean()
+            td_target = torch.maximum(td_target, returns)
     value = critics.value(state)
     rows = slice(None) if trains is None else trains
     value_loss = expectile_loss((target_q - value)[rows], config.expectile)
@@ -161,6 +172,8 @@ def critic_loss(critics: Critics, config: IQLConfig, state: Tensor, action: Tens
     advantage = (target_q - value).detach()
     metrics = {"value_loss": value_loss.detach(), "q_loss": q_loss.detach(), "q": q.mean().detach(),
                "v": value.mean().detach()}
+    if config.return_bound:
+        metrics["bound_active"] = bound_active
     return value_loss + q_loss, advantage, metrics
 
 

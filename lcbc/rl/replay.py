@@ -120,6 +120,17 @@ def reaches_goal(success: np.ndarray) -> np.ndarray:
     return np.logical_or.accumulate(success[::-1])[::-1]
 
 
+def discounted_return(reward: np.ndarray, terminal: np.ndarray, gamma: float) -> np.ndarray:
+    """(T,) rewards and terminals of one episode -> (T,) the discounted sum of rewards from each step up to
+    its next terminal step or the episode's end. Rewards are never negative, so what the episode went on
+    to collect is a lower bound on what its action at that step is worth (FineTuning's `return_bound`)."""
+    returns, following = np.zeros(len(reward)), 0.0
+    for t in range(len(reward) - 1, -1, -1):
+        following = reward[t] + (0.0 if terminal[t] else gamma * following)
+        returns[t] = following
+    return returns
+
+
 def held_from_start(success: np.ndarray) -> np.ndarray:
     """(T,) success after each step -> (T,) whether the task has held since the first step."""
     return np.logical_and.accumulate(success)
@@ -139,12 +150,12 @@ class ReplayBuffer:
     task and goal: every step from the first success on, including a demo's steps past it; a time limit
     is never terminal), task (index into `tasks`), goal (the goal the reward was computed with, float64),
     sim_state (after the step, padded with zeros to the largest task's size; empty without a scorer),
-    episode, step, source (ONLINE, DEMO), relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL) and reaches_goal
-    (see `reaches_goal`).
+    episode, step, source (ONLINE, DEMO), relabel (ORIGINAL, GOAL_RELABEL, TASK_RELABEL), reaches_goal
+    (see `reaches_goal`) and return (see `discounted_return`, with discount `gamma`).
     """
 
     def __init__(self, benchmark, capacity: int, relabel: RelabelConfig | None = None,
-                 demo_fraction: float = 0.25, seed: int = 0):
+                 demo_fraction: float = 0.25, seed: int = 0, gamma: float = 0.99):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"ReplayBuffer.capacity: {capacity!r} is not a positive integer")
         if not 0.0 <= demo_fraction <= 1.0:
@@ -154,6 +165,7 @@ class ReplayBuffer:
         self.capacity = capacity
         self.config = relabel or RelabelConfig()
         self.demo_fraction = demo_fraction
+        self.gamma = gamma
         self.rng = np.random.default_rng(seed)
         self.scorer = benchmark.scorer(self.tasks) or ObservedScorer(benchmark, self.tasks)
         if self.config.reward == "dense" and isinstance(self.scorer, ObservedScorer):
@@ -166,6 +178,7 @@ class ReplayBuffer:
             "task": ((), np.int64), "goal": ((benchmark.goal_dim,), np.float64),
             "sim_state": ((sim_dim,), np.float64), "episode": ((), np.int64), "step": ((), np.int32),
             "source": ((), np.uint8), "relabel": ((), np.uint8), "reaches_goal": ((), bool),
+            "return": ((), np.float32),
         }
         self._online = {key: np.zeros((capacity, *shape), dtype) for key, (shape, dtype) in self.columns.items()}
         self._demos = {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in self.columns.items()}
@@ -284,8 +297,9 @@ class ReplayBuffer:
         def rows(task_name, obs, next_obs, goal, scores: Scores, goal_index: int, kind: int,
                  reaches: np.ndarray) -> dict[str, np.ndarray]:
             steps = len(actions)
+            reward, terminal = self._reward(scores)[:, goal_index], scores.success[:, goal_index]
             return {"obs": obs, "next_obs": next_obs, "action": actions, "reaches_goal": reaches,
-                    "reward": self._reward(scores)[:, goal_index], "terminal": scores.success[:, goal_index],
+                    "reward": reward, "terminal": terminal, "return": discounted_return(reward, terminal, self.gamma),
                     "task": np.full(steps, self.tasks.index(task_name)),
                     "goal": np.broadcast_to(goal, (steps, benchmark.goal_dim)), "sim_state": padded,
                     "episode": np.full(steps, number), "step": np.arange(steps), "source": np.full(steps, source),

@@ -87,7 +87,8 @@ class FineTuning(L.LightningModule):
                  replay_capacity: int = 400_000, demo_fraction: float = 0.5, learning_starts: int = 2_000,
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
-                 critic_layers: int = 2, critic_failed_relabels: bool = True, imitate: str = "all",
+                 critic_layers: int = 2, critic_failed_relabels: bool = True, return_bound: bool = False,
+                 imitate: str = "all",
                  ranked_samples: int = 8, actor_lr: float = 1e-4,
                  critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
@@ -126,7 +127,7 @@ class FineTuning(L.LightningModule):
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
         self.iql = IQLConfig(gamma, expectile, beta, max_weight, polyak, critic_hidden, critic_layers,
-                             absorbing_success=reward == "dense")
+                             absorbing_success=reward == "dense", return_bound=return_bound)
         try:
             self.relabel = RelabelConfig(reward=reward, **(relabel or {}))
         except (TypeError, ValueError) as error:  # an unknown key or a bad value
@@ -165,7 +166,8 @@ class FineTuning(L.LightningModule):
         self.register_buffer("task_inputs", inputs, persistent=False)
         self.register_buffer("demo_goal_weight", torch.tensor([(hp.demo_goal_weights or {}).get(task, 1.0)
                                                                for task in self.tasks]), persistent=False)
-        self.replay = ReplayBuffer(self.benchmark, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed)
+        self.replay = ReplayBuffer(self.benchmark, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed,
+                                   hp.gamma)
         self.inputs = CriticInputs(self.policy, self.benchmark.state_observation, self.replay.columns["obs"][0][0])
         self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
         self.collector = Collector(self.benchmark, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
@@ -258,7 +260,7 @@ class FineTuning(L.LightningModule):
         # of the critics' losses: an ablation of what the zero rewards teach them.
         trains = None if hp.critic_failed_relabels else (batch["relabel"] == ORIGINAL) | batch["reaches_goal"]
         loss, advantage, metrics = critic_loss(self.critics, self.iql, state, action, batch["reward"],
-                                               batch["terminal"], next_state, trains)
+                                               batch["terminal"], next_state, trains, batch["return"])
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
