@@ -90,7 +90,7 @@ def test_finetune_collects_updates_evaluates_and_exports(finetuned, trained_poli
     assert max(logged["env_steps"]) == 120 and 2 in logged["env_steps"]
     for key in ("collect/success", "critic/q_loss", "critic/value_loss", "advantage/mean", "advantage/std",
                 "actor/loss", "actor/weight_mean", "eval/success", "eval/reach-v3", "eval/drawer-open-v3",
-                "collect/reach-v3", "collect/drawer-open-v3"):
+                "collect/reach-v3", "collect/drawer-open-v3", "critic/q_own_goal", "critic/return_own_goal"):
         assert logged[key] and all(math.isfinite(value) for value in logged[key]), key
     assert len(logged["eval/success"]) == 2  # the cloned policy before the first step, and the end
     assert len(logged["critic/q_loss"]) == (120 - 20) // 2 + 1 and len(logged["actor/loss"]) == (120 - 60) // 2 + 1

@@ -265,6 +265,7 @@ class FineTuning(L.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         metrics = {f"critic/{key}": value for key, value in metrics.items()}
+        metrics.update(self._calibration(batch, state, action))
         metrics.update({"advantage/mean": advantage.mean(), "advantage/std": advantage.std(),
                         "advantage/max": advantage.max()})
         if self.env_steps >= hp.actor_starts:
@@ -280,6 +281,17 @@ class FineTuning(L.LightningModule):
         if self.averaged_policy is not None and self.env_steps >= hp.actor_starts:
             self._average_policy()
         return metrics
+
+    @torch.no_grad()
+    def _calibration(self, batch: dict, state: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the critics think the batch's own-goal online transitions are worth, beside the discounted
+        return their episodes went on to collect: critics that rate failing tasks as nearly solved (trained
+        mostly on hindsight successes) cannot tell the actor which of its actions fail."""
+        own = (batch["relabel"] == ORIGINAL) & (batch["source"] != DEMO)
+        if not own.any():
+            return {}
+        q = self.critics.q_values(state[own], action[own], target=True).min(0).values
+        return {"critic/q_own_goal": q.mean(), "critic/return_own_goal": batch["return"][own].mean()}
 
     @torch.no_grad()
     def _average_policy(self) -> None:
