@@ -80,6 +80,10 @@ class Benchmark:
         """(..., goal_dim): the goal each (..., D) state has achieved."""
         raise NotImplementedError
 
+    def desired_goal(self, state: np.ndarray) -> np.ndarray:
+        """(..., goal_dim): the goal each (..., D) state asks for (what `with_goal` writes)."""
+        raise NotImplementedError
+
     def with_goal(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """A copy of the (..., D) states with `goal` written in as the goal they are asked to reach."""
         raise NotImplementedError

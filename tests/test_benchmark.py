@@ -64,6 +64,9 @@ class PointMass(Benchmark):
     def achieved_goal(self, task, state):
         return state[..., :2]
 
+    def desired_goal(self, state):
+        return state[..., 2:]
+
     def with_goal(self, state, goal):
         state = np.array(state)
         state[..., 2:] = goal

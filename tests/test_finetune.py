@@ -638,6 +638,9 @@ def test_every_finetune_config_instantiates(tmp_path):
     (None, "reach-v3,drawer-open-v3", "model: {reset_free: true}",
      "model.reset_free: no task of metaworld:reach-v3,drawer-open-v3 has the task that undoes it"),
     (None, "reach-v3", "model: {reset_free_steps: 0}", "model.reset_free_steps: 0 is not a positive integer"),
+    (None, "reach-v3", "model: {goal_offset_scale: 0}", "model.goal_offset_scale: 0.0 is not a positive number"),
+    (None, "drawer-open-v3", "model: {goal_offset_scale: 0.1}",
+     "model.goal_offset_scale: no task of metaworld:drawer-open-v3 has a goal in its state"),
     (None, "reach-v3", "model: {reset_free_failures: -1}",
      "model.reset_free_failures: -1 is not a non-negative integer"),
 ])
@@ -654,6 +657,35 @@ def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, tra
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
+
+
+def test_critics_see_how_far_each_rows_achieved_goal_is_from_its_goal(trained_policy):  # noqa: F811
+    """Reach rows get (fingertip - goal) / scale beside the usual features, drawer rows (no goal interface)
+    zeros; a row whose goal was rewritten to what it achieved (a hindsight copy) gets an offset of zero."""
+    module = FineTuning(policy=str(trained_policy), benchmark=TASKS, goal_offset_scale=0.1)
+    module.setup("fit")
+    benchmark = module.benchmark
+    states = []
+    for task in module.tasks:
+        env = benchmark.make_env(task)
+        states.append(env.reset(seed=0, options={"goal": benchmark.goal(task, "train", 0)})[0]["state"])
+        env.close()
+    states = np.stack(states).astype(np.float32)
+    task_id = torch.tensor([0, 1])
+    task = {module.task_key: module.task_inputs[task_id]}
+    features = module.inputs.state(torch.as_tensor(states), task, task_id)
+    plain = FineTuning(policy=str(trained_policy), benchmark=TASKS)
+    plain.setup("fit")
+    assert features.shape[1] == sum(plain.inputs.dims()) - 4 + 3 == sum(module.inputs.dims()) - 4
+    assert torch.equal(features[:, :-3], plain.inputs.state(torch.as_tensor(states), task, task_id))
+    reach_offset = (benchmark.achieved_goal("reach-v3", states[0]) - states[0][-3:]) / 0.1
+    assert np.linalg.norm(reach_offset) > 1.0  # the hand starts well away from reach's goal
+    np.testing.assert_allclose(features[0, -3:].numpy(), reach_offset, rtol=1e-5)
+    assert torch.equal(features[1, -3:], torch.zeros(3))
+    hindsight = benchmark.with_goal(states[:1], benchmark.achieved_goal("reach-v3", states[:1]))
+    reach = {key: value[:1] for key, value in task.items()}
+    assert torch.allclose(module.inputs.state(torch.as_tensor(hindsight), reach, task_id[:1])[0, -3:], torch.zeros(3),
+                          atol=1e-6)
 
 
 @pytest.mark.parametrize("imitate", ["ranked", "successful"])

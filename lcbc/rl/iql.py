@@ -8,7 +8,8 @@ as it did in BC (cross-entropy of action bins) with each transition weighted by 
 
 Read top to bottom. Notation: s state, z task vector, a action, r reward, d terminal, s' next state.
 
-1. ``CriticInputs`` -- what the critics see: the policy's normalized state and its frozen task vector.
+1. ``CriticInputs`` -- what the critics see: the policy's normalized state and its frozen task vector (and
+                       with `goal_offset_scale` how far each row's achieved goal is from its goal).
 2. ``Critics``      -- twin Q(s, z, a), V(s, z), and a Polyak-averaged copy of the Q networks.
 3. ``expectile_loss`` -- V regresses onto min_i Qtarget_i(s, a) with an asymmetric square (expectile tau):
                        with tau > 0.5 V approaches the best in-distribution action's value, not the mean.
@@ -65,27 +66,55 @@ class IQLConfig:
 class CriticInputs:
     """Builds critic inputs with the policy's own pieces: its normalizer for the state, its frozen task
     encoder for the task vector, its action bounds to scale actions to [-1, 1]. The critics thus share the
-    policy's view of the world and need no statistics of their own. `state_observation` (the benchmark's)
-    rebuilds the policy's low-dimensional keys from the flat (state_dim,) states the replay stores."""
+    policy's view of the world and need no statistics of their own. The benchmark's `state_observation`
+    rebuilds the policy's low-dimensional keys from the flat (state_dim,) states the replay stores.
 
-    def __init__(self, policy, state_observation, state_dim: int):
-        self.policy, self.state_observation = policy, state_observation
-        available = set(state_observation(np.zeros((1, state_dim))))
+    `goal_offset_scale`: the critics also see, for tasks of the benchmark's goal interface, the achieved
+    goal minus the goal (divided by the scale, zero for other tasks). Otherwise the goal is a few of several
+    hundred inputs, and critics trained mostly on hindsight rows, which reach their goal, rate a near miss
+    of the task's own goal as a success."""
+
+    def __init__(self, policy, benchmark, state_dim: int, tasks: list[str], goal_offset_scale: float | None = None):
+        self.policy, self.benchmark, self.tasks = policy, benchmark, tasks
+        available = set(benchmark.state_observation(np.zeros((1, state_dim))))
         unsupported = [key for key in policy.config["low_dim_keys"] if key not in available]
         if policy.config["image_keys"] or unsupported or not policy.config["low_dim_keys"]:
             raise UserError("fine-tuning needs a state-only policy whose observation keys the benchmark rebuilds "
                             f"from its states ({', '.join(sorted(available)) or 'state'}); this one reads "
                             f"{', '.join(policy.config['low_dim_keys'] + policy.config['image_keys'])}")
+        goal_tasks = [i for i, task in enumerate(tasks) if task in benchmark.goal_tasks]
+        if goal_offset_scale is not None and not goal_tasks:
+            raise UserError(f"model.goal_offset_scale: no task of {benchmark.name} has a goal in its state "
+                            "(Benchmark.goal_tasks); leave it null")
+        if goal_offset_scale is not None and not goal_offset_scale > 0:
+            raise UserError(f"model.goal_offset_scale: {goal_offset_scale!r} is not a positive number")
+        self.goal_offset_scale, self.goal_task_ids = goal_offset_scale, goal_tasks
 
     def observation(self, state: Tensor) -> dict[str, Tensor]:
         """The policy's observation dict from flat states (..., D)."""
-        observation = self.state_observation(state)
+        observation = self.benchmark.state_observation(state)
         return {key: observation[key] for key in self.policy.config["low_dim_keys"]}
 
     @torch.no_grad()
-    def state(self, state: Tensor, task: dict[str, Tensor]) -> Tensor:
-        """(B, D) states and the task inputs of `policy.task_vector` -> (B, state features + task dim)."""
-        return torch.cat([self.policy.normalizer(self.observation(state)), self.policy.task_vector(task)], dim=-1)
+    def state(self, state: Tensor, task: dict[str, Tensor], task_id: Tensor) -> Tensor:
+        """(B, D) states, the task inputs of `policy.task_vector` and the (B,) task indices (into `tasks`)
+        -> (B, state features + task dim [+ goal dim])."""
+        features = [self.policy.normalizer(self.observation(state)), self.policy.task_vector(task)]
+        if self.goal_offset_scale is not None:
+            features.append(self.goal_offset(state, task_id))
+        return torch.cat(features, dim=-1)
+
+    def goal_offset(self, state: Tensor, task_id: Tensor) -> Tensor:
+        """(B, goal_dim): achieved goal minus goal over `goal_offset_scale` for goal-interface tasks, else 0."""
+        offset = torch.zeros(len(state), self.benchmark.goal_dim)
+        states = state.numpy()
+        for i in self.goal_task_ids:
+            rows = (task_id == i).numpy()
+            if rows.any():
+                achieved = self.benchmark.achieved_goal(self.tasks[i], states[rows])
+                offset[rows] = torch.as_tensor(achieved - self.benchmark.desired_goal(states[rows]),
+                                               dtype=offset.dtype)
+        return offset / self.goal_offset_scale
 
     def action(self, action: Tensor) -> Tensor:
         """Environment actions (B, A) -> [-1, 1] within the policy's action bounds (clipped to them)."""
@@ -93,9 +122,10 @@ class CriticInputs:
         return (torch.minimum(torch.maximum(action, low), high) - low) / (high - low).clamp_min(1e-6) * 2 - 1
 
     def dims(self) -> tuple[int, int]:
-        """(state + task features, action dims)."""
+        """(state + task [+ goal offset] features, action dims)."""
         rt1 = self.policy.rt1_config
-        return rt1.state_dim + self.policy.task_encoder.dim, rt1.action_dim
+        offset = self.benchmark.goal_dim if self.goal_offset_scale is not None else 0
+        return rt1.state_dim + self.policy.task_encoder.dim + offset, rt1.action_dim
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ class FineTuning(L.LightningModule):
                  actor_starts: int = 10_000, batch_size: int = 256, gamma: float = 0.99, expectile: float = 0.9,
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, critic_failed_relabels: bool = True, return_bound: bool = False,
-                 imitate: str = "all", ranked_samples: int = 8, actor_lr: float = 1e-4,
-                 critic_lr: float = 3e-4, gradient_clip: float | None = 1.0, pcgrad: bool = False,
+                 goal_offset_scale: float | None = None, imitate: str = "all", ranked_samples: int = 8,
+                 actor_lr: float = 1e-4, critic_lr: float = 3e-4, gradient_clip: float | None = 1.0,
+                 pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
                  policy_ema: float = 0.0, eval_every: int = 25_000, eval_episodes: int = 5,
                  eval_envs_per_task: int = 1, reset_free: bool = False, reset_free_steps: int = 2000,
@@ -167,7 +168,8 @@ class FineTuning(L.LightningModule):
                                                                for task in self.tasks]), persistent=False)
         self.replay = ReplayBuffer(self.benchmark, hp.replay_capacity, self.relabel, hp.demo_fraction, hp.seed,
                                    hp.gamma)
-        self.inputs = CriticInputs(self.policy, self.benchmark.state_observation, self.replay.columns["obs"][0][0])
+        self.inputs = CriticInputs(self.policy, self.benchmark, self.replay.columns["obs"][0][0], self.tasks,
+                                   hp.goal_offset_scale)
         self.critics = Critics(*self.inputs.dims(), self.iql.hidden, self.iql.layers)
         self.collector = Collector(self.benchmark, hp.envs_per_task, hp.max_episode_steps, hp.exploration_std,
                                    hp.exploration_noise, hp.exploration_scale, hp.seed,
@@ -252,8 +254,8 @@ class FineTuning(L.LightningModule):
             self.actor_augmentation(sample["obs_window"], sample["task"], self.tasks, self.replay.rng)
         batch = {key: torch.as_tensor(value) for key, value in sample.items()}
         task = {self.task_key: self.task_inputs[batch["task"]]}
-        state = self.inputs.state(batch["obs"], task)
-        next_state = self.inputs.state(batch["next_obs"], task)
+        state = self.inputs.state(batch["obs"], task, batch["task"])
+        next_state = self.inputs.state(batch["next_obs"], task, batch["task"])
         action = self.inputs.action(batch["action"])
         # Without `critic_failed_relabels`, relabels that do not reach their goal (zero return) are left out
         # of the critics' losses: an ablation of what the zero rewards teach them.

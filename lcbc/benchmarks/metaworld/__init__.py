@@ -97,6 +97,9 @@ class MetaWorld(Benchmark):
         start, offset = ACHIEVED_GOAL_IN_STATE[task]
         return state[..., start:start + 3] + np.asarray(offset, dtype=state.dtype)
 
+    def desired_goal(self, state: np.ndarray) -> np.ndarray:
+        return state[..., GOAL_IN_STATE]
+
     def with_goal(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         state = np.array(state)
         state[..., GOAL_IN_STATE] = goal
