@@ -70,9 +70,8 @@ class CriticInputs:
     rebuilds the policy's low-dimensional keys from the flat (state_dim,) states the replay stores.
 
     `goal_offset_scale`: the critics also see, for tasks of the benchmark's goal interface, the achieved
-    goal minus the goal (divided by the scale, zero for other tasks). Otherwise the goal is a few of several
-    hundred inputs, and critics trained mostly on hindsight rows, which reach their goal, rate a near miss
-    of the task's own goal as a success."""
+    goal minus the goal (divided by the scale, zero for other tasks), which is otherwise a few of several
+    hundred inputs to work out. What it changed on MT10 (little): docs/RESULTS_LOG.md, nineteenth try."""
 
     def __init__(self, policy, benchmark, state_dim: int, tasks: list[str], goal_offset_scale: float | None = None):
         self.policy, self.benchmark, self.tasks = policy, benchmark, tasks
