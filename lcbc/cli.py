@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from rich.console import Console
@@ -199,6 +200,9 @@ def cmd_eval(args) -> None:
         instructions = {task: [text for text in benchmark.instructions(task) if text not in known] for task in tasks}
     camera, size = policy_camera(policy, benchmark)
     actor = PolicyActor(policy)
+    if args.out is None:  # beside the policy, per benchmark and split: evaluations of other policies never collide
+        folder = re.sub(r"[^\w.,-]+", "-", f"{benchmark.name}_{args.split}")
+        args.out = Path(args.policy).absolute().parent / "eval" / folder
     if args.obedience or args.chain:
         _eval_scene(args, benchmark, actor, instructions, camera, size)
         return
@@ -433,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--instructions", help="JSON file: task name -> list of instructions to try; "
                           "'unseen': the built-in paraphrases the policy was not trained on")
     evaluate.add_argument("--videos", type=int, default=0, help="GIFs to record per task")
-    evaluate.add_argument("--out", default="eval")
+    evaluate.add_argument("--out", help="report folder (default: eval/BENCHMARK_SPLIT beside the policy folder, "
+                          "e.g. runs/X/eval/metaworld-MT10_validation)")
     evaluate.add_argument("--envs-per-task", type=int, default=10)
     evaluate.add_argument("--workers", type=int, default=1, help="processes that step environments, each with its "
                           "own copy of the policy: up to one per core (default 1)")

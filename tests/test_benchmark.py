@@ -140,9 +140,11 @@ def test_a_users_benchmark_runs_through_every_stage(pointmass_run, tmp_path, cap
     demos, run = pointmass_run
     main(["inspect", str(demos)])
     assert "go to the red corner" in capsys.readouterr().out
-    main(["eval", "--policy", str(run / "policy"), "--benchmark", "pointmass", "--episodes", "3", "--split", "test",
-          "--out", str(tmp_path / "eval")])
-    table = json.loads((tmp_path / "eval" / "success.json").read_text())
+    policy_files = sorted(path.name for path in (run / "policy").iterdir())
+    main(["eval", "--policy", str(run / "policy"), "--benchmark", "pointmass", "--episodes", "3", "--split", "test"])
+    # With no --out the report goes beside the policy folder, named by benchmark and split; the policy is untouched.
+    table = json.loads((run / "eval" / "pointmass_test" / "success.json").read_text())
+    assert sorted(path.name for path in (run / "policy").iterdir()) == policy_files
     assert table["split"] == "test" and set(table["tasks"]) == {"reach-red", "reach-blue"}
     assert table["expert_mean"] == 1.0 and sum(row["episodes"] for row in table["tasks"].values()) == 6
     main(["act", "--policy", str(run / "policy"), "--benchmark", "pointmass", "--task", "reach-blue",
