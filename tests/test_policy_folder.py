@@ -8,11 +8,15 @@ import os
 import shutil
 import stat
 
+import numpy as np
 import pytest
-from test_server import onehot_dir  # noqa: F401  (fixture: a small one-hot policy folder)
+import torch
+from test_server import TASKS, _stats, onehot_dir  # noqa: F401  (fixture: a small one-hot policy folder)
 
 from lcbc.cli import main
+from lcbc.errors import UserError
 from lcbc.policies.language_policy import LanguagePolicy
+from lcbc.policies.rt1 import RT1Config
 from tests.conftest import file_digest
 
 
@@ -76,3 +80,52 @@ def test_an_undamaged_copy_loads(onehot_dir, tmp_path):  # noqa: F811
     folder = tmp_path / "policy"
     shutil.copytree(onehot_dir, folder)
     assert LanguagePolicy.from_pretrained(folder).config["task_mode"] == "onehot"
+
+
+def _chunked_policy(directory, temporal_ensemble):
+    """A one-hot policy predicting chunks of 3 actions, saved and loaded back (the setting must travel)."""
+    rt1 = RT1Config.preset("rt1-tiny", history=2, action_chunk=3, dropout=0.0)
+    LanguagePolicy(rt1, _stats({"actions": 2, "state": 4}), ["state"], [], ["open", "close"], TASKS, "onehot",
+                   temporal_ensemble=temporal_ensemble).save_pretrained(directory)
+    return LanguagePolicy.from_pretrained(directory)
+
+
+def test_temporal_ensemble_acts_on_the_weighted_mean_of_the_overlapping_chunks(tmp_path, monkeypatch):
+    policy = _chunked_policy(tmp_path / "policy", temporal_ensemble=0.5)
+    assert policy.config["temporal_ensemble"] == 0.5
+    # Chunk predicted at step t for two environments: env 0 plans t*10 + k for step t + k, env 1 its negative.
+    step = {"t": 0}
+
+    def predict(batch):
+        plan = torch.tensor([[step["t"] * 10.0 + k] * 2 for k in range(3)])
+        return torch.stack([plan, -plan])
+    monkeypatch.setattr(policy, "predict", predict)
+    obs = {"state": np.zeros((2, 4), np.float32)}
+
+    def act(task_ids):
+        action = policy.act_batch(obs, task_ids=task_ids)
+        step["t"] += 1
+        return action[:, 0]
+    w = np.exp(-0.5 * np.arange(3))
+    np.testing.assert_allclose(act([0, 0]), [0.0, -0.0])  # only the first chunk so far
+    np.testing.assert_allclose(act([0, 0])[0], (w[0] * 10 + w[1] * 1) / w[:2].sum(), rtol=1e-6)
+    np.testing.assert_allclose(act([0, 0])[0], (w[0] * 20 + w[1] * 11 + w[2] * 2) / w.sum(), rtol=1e-6)
+    policy.reset_envs(np.array([False, True]))  # env 1's episode ended
+    action = act([0, 1])  # ... and env 1 (re)starts, under a new task as well
+    np.testing.assert_allclose(action, [(w[0] * 30 + w[1] * 21 + w[2] * 12) / w.sum(), -30.0], rtol=1e-6)
+    np.testing.assert_allclose(act([1, 1]), [40.0, -(w[0] * 40 + w[1] * 31) / w[:2].sum()], rtol=1e-6)
+
+
+def test_without_temporal_ensemble_each_chunks_first_action_is_taken(tmp_path):
+    policy = _chunked_policy(tmp_path / "policy", temporal_ensemble=None)
+    obs = {"state": np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)}
+    with torch.no_grad():
+        expected = policy.predict({"obs": {"state": torch.as_tensor(obs["state"])[:, None].repeat(1, 2, 1)},
+                                   "obs_mask": torch.ones(2, 2, dtype=torch.bool),
+                                   "task_id": torch.tensor([0, 1])})[:, 0].numpy()
+    np.testing.assert_allclose(policy.act_batch(obs, task_ids=[0, 1]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_negative_temporal_ensemble_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="temporal_ensemble must be at least 0"):
+        _chunked_policy(tmp_path / "policy", temporal_ensemble=-1.0)

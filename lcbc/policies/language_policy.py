@@ -85,13 +85,15 @@ class LanguagePolicy(nn.Module):
     def __init__(self, rt1: RT1Config | dict, stats: dict, low_dim_keys: list[str], image_keys: list[str],
                  instructions: list[str], tasks: list[str], task_mode: str = "language",
                  goal_keys: list[str] | None = None, text_model: str = DEFAULT_TEXT_MODEL,
-                 normalization: str = "dimension"):
+                 normalization: str = "dimension", temporal_ensemble: float | None = None):
         super().__init__()
         rt1 = RT1Config.from_dict(rt1) if isinstance(rt1, dict) else rt1
+        if temporal_ensemble is not None and temporal_ensemble < 0:
+            raise UserError(f"temporal_ensemble must be at least 0 (or null: off), got {temporal_ensemble}")
         self.config = {"rt1": rt1.to_dict(), "low_dim_keys": list(low_dim_keys), "image_keys": list(image_keys),
                        "instructions": list(instructions), "tasks": list(tasks), "task_mode": task_mode,
                        "goal_keys": list(goal_keys or []), "text_model": text_model,
-                       "normalization": normalization}
+                       "normalization": normalization, "temporal_ensemble": temporal_ensemble}
         self.stats = stats
         self.normalizer = Normalizer(stats, list(low_dim_keys), normalization)
         goal_images = [key for key in goal_keys or [] if key in image_keys]
@@ -109,6 +111,7 @@ class LanguagePolicy(nn.Module):
                                                 torch.tensor(stats["actions"]["max"]), rt1.num_bins,
                                                 rt1.label_sigma)
         self._history: dict[str, torch.Tensor] | None = None
+        self._chunks: dict[str, torch.Tensor] | None = None
 
     @property
     def rt1_config(self) -> RT1Config:
@@ -161,6 +164,7 @@ class LanguagePolicy(nn.Module):
     def reset(self) -> None:
         """Forget the observation history: call at the start of every episode."""
         self._history = None
+        self._chunks = None
 
     @torch.inference_mode()
     def reset_envs(self, done: np.ndarray) -> None:
@@ -170,6 +174,10 @@ class LanguagePolicy(nn.Module):
             self._history = None
         else:
             self._history["mask"][torch.as_tensor(done, dtype=torch.bool)] = False
+        if self._chunks is not None and len(done) == len(self._chunks["valid"]):
+            self._chunks["valid"][torch.as_tensor(done, dtype=torch.bool)] = False
+        else:
+            self._chunks = None
 
     def _push_history(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Append this step's observation; new episodes pad their history with their first frame."""
@@ -227,7 +235,30 @@ class LanguagePolicy(nn.Module):
                 needed = ", ".join(self.config["goal_keys"])
                 raise UserError(f"goal has no key {missing[0]!r} (the policy needs {needed})")
             batch["goal"] = {key: torch.as_tensor(np.asarray(goals[key])) for key in self.config["goal_keys"]}
-        return self.predict(batch)[:, 0].numpy()
+        chunks = self.predict(batch)
+        if self.config.get("temporal_ensemble") is None or chunks.shape[1] == 1:
+            return chunks[:, 0].numpy()
+        return self._ensemble(chunks, self.task_vector(batch)).numpy()
+
+    def _ensemble(self, chunks: torch.Tensor, task_vectors: torch.Tensor) -> torch.Tensor:
+        """Temporal ensembling of action chunks (ACT, Zhao et al. 2023): this step's action is the weighted
+        mean of what the last K chunks predicted for it, weight exp(-decay * age in steps), so one bad
+        prediction is outvoted and the motion stays smooth. A new episode or a new instruction (task
+        vector) starts over, so no action planned for the previous request leaks into the next one."""
+        N, K, _ = chunks.shape
+        if self._chunks is None or len(self._chunks["valid"]) != N:
+            self._chunks = {"chunks": chunks[:, None].repeat_interleave(K, 1),
+                            "valid": torch.zeros(N, K, dtype=torch.bool), "task": task_vectors.clone()}
+        memory = self._chunks
+        memory["valid"][(memory["task"] != task_vectors).any(-1)] = False
+        memory["task"] = task_vectors.clone()
+        # memory["chunks"][:, age] is the chunk predicted `age` steps ago
+        memory["chunks"] = torch.cat([chunks[:, None], memory["chunks"][:, :-1]], 1)
+        memory["valid"] = torch.cat([torch.ones(N, 1, dtype=torch.bool), memory["valid"][:, :-1]], 1)
+        ages = torch.arange(K)
+        now = memory["chunks"][:, ages, ages]  # (N, K, A): each chunk's prediction for this step
+        weights = torch.exp(-self.config["temporal_ensemble"] * ages.float()) * memory["valid"]
+        return (weights[..., None] * now).sum(1) / weights.sum(1, keepdim=True)
 
     def act(self, observation: dict, instruction: str | None = None, task_id: int | None = None,
             goal: dict | None = None) -> np.ndarray:
@@ -279,7 +310,7 @@ class LanguagePolicy(nn.Module):
         try:
             policy = cls(config["rt1"], stats, config["low_dim_keys"], config["image_keys"], config["instructions"],
                          config["tasks"], config["task_mode"], config["goal_keys"], config["text_model"],
-                         config.get("normalization", "dimension"))
+                         config.get("normalization", "dimension"), config.get("temporal_ensemble"))
         except (KeyError, TypeError, ValueError) as error:
             raise UserError(f"{directory / 'config.json'}: not an lcbc policy config ({type(error).__name__}: "
                             f"{error})") from None

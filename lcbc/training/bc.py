@@ -32,6 +32,8 @@ class BehaviorCloning(L.LightningModule):
     """Args:
         preset: RT-1 size preset ("rt1-tiny" or "rt1"); `rt1` overrides any of its fields.
         history, action_chunk: window sizes; `lcbc fit` passes them on to the DataModule.
+        temporal_ensemble: with action_chunk > 1, act on the mean of the overlapping chunks' predictions
+            for each step, weighted exp(-temporal_ensemble * age); null acts on each new chunk's first action.
         task_mode: "language" (frozen text embeddings), "onehot" (task id) or "goal" (hindsight goals).
         normalization: "dimension" (each observation dimension by its std) or "key" (one scale per key,
             which keeps the geometry of position vectors; see `Normalizer`).
@@ -46,7 +48,8 @@ class BehaviorCloning(L.LightningModule):
     """
 
     def __init__(self, preset: str = "rt1-tiny", rt1: dict | None = None, history: int = 6,
-                 action_chunk: int = 1, task_mode: str = "language", normalization: str = "dimension",
+                 action_chunk: int = 1, temporal_ensemble: float | None = None, task_mode: str = "language",
+                 normalization: str = "dimension",
                  goal_keys: list[str] | None = None,
                  text_model: str = DEFAULT_TEXT_MODEL, lr: float = 3e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 200, instruction_noise: float = 0.0, ema_decay: float | None = None,
@@ -67,7 +70,8 @@ class BehaviorCloning(L.LightningModule):
             rt1 = RT1Config.from_dict({**rt1.to_dict(), "image_size": spec["image_size"]})
         self.policy = LanguagePolicy(rt1, spec["stats"], spec["low_dim_keys"], spec["image_keys"],
                                      spec["instructions"], spec["tasks"], self.hparams.task_mode,
-                                     self.hparams.goal_keys, self.hparams.text_model, self.hparams.normalization)
+                                     self.hparams.goal_keys, self.hparams.text_model, self.hparams.normalization,
+                                     self.hparams.temporal_ensemble)
         self.policy.task_encoder.instruction_noise = self.hparams.instruction_noise
         if self.hparams.ema_decay:
             self.ema = AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay),
