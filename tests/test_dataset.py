@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from lcbc.benchmark import load_benchmark
 from lcbc.benchmarks.metaworld import instruction_table
 from lcbc.benchmarks.metaworld.augment import StateAugmentation
 from lcbc.benchmarks.metaworld.env import FINGERTIP_OFFSET
+from lcbc.data.augment import StateGoalRelabeling
 from lcbc.data.datamodule import DemoDataModule
 from lcbc.data.dataset import DemoDataset, split_demos
 from lcbc.errors import UserError
@@ -100,7 +102,7 @@ def test_task_and_instruction_ids(tmp_path):
 def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(6, 6, 6), state_dim=10, instructions=["x"],
                            tasks=["reach-v3", "push-v3", "drawer-open-v3"])
-    ds = DemoDataset(path, history=2, augmentation=StateAugmentation(relabel_goals=share))
+    ds = DemoDataset(path, history=2, augmentation=StateGoalRelabeling(load_benchmark("metaworld:MT10"), share))
     # Dimension k of global step g holds g + 1000 k, so every number says where it was read from.
     ds.low_dim["state"] = np.arange(len(ds))[:, None] + 1000.0 * np.arange(10)
     stored = ds.low_dim["state"].copy()
@@ -126,8 +128,18 @@ def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
     assert not relabeled[~eligible].any()  # drawer-open, and the last step of every demo, keep their goal
     assert relabeled[eligible].mean() == pytest.approx(share, abs=0.06)
     np.testing.assert_array_equal(ds.low_dim["state"], stored)  # the loaded data is never overwritten
-    with pytest.raises(UserError, match="relabel_goals"):
-        StateAugmentation(relabel_goals=1.5)
+    with pytest.raises(UserError, match="relabel_state_goals"):
+        StateGoalRelabeling(load_benchmark("metaworld:MT10"), 1.5)
+
+
+def test_state_goal_relabeling_needs_a_benchmark_with_goal_tasks(tmp_path):
+    path = write_demo_file(tmp_path / "d.hdf5", lengths=(6, 6), state_dim=10, instructions=["x"],
+                           tasks=["drawer-open-v3", "door-open-v3"])
+    with pytest.raises(UserError, match="needs data.benchmark"):
+        DemoDataModule(str(path), relabel_state_goals=0.5)
+    data = DemoDataModule(str(path), benchmark="metaworld:MT10", relabel_state_goals=0.5, val_fraction=0.0)
+    with pytest.raises(UserError, match="none of the data's tasks has a goal in the state in metaworld:MT10"):
+        data.setup()
 
 
 def test_ignored_objects_come_from_random_demos_of_the_same_task(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lcbc.errors import UserError
+
 
 class WindowAugmentation:
     """Changes a training batch of DemoDataset windows in place (`data.augmentation` in a config).
@@ -20,6 +22,41 @@ class WindowAugmentation:
 
     def __call__(self, batch: dict, steps: np.ndarray, rng: np.random.Generator) -> None:
         raise NotImplementedError
+
+
+class StateGoalRelabeling(WindowAugmentation):
+    """Hindsight goals for cloning, through a benchmark's goal interface (`data.relabel_state_goals`): a
+    `share` of the windows of its goal tasks (a free goal written into the state) ask, in every frame, for
+    the goal that a later step of the same demo achieved instead of the demo's own. The demo's actions up to
+    that step lead there, so a few demos teach many goals. It reads only what the benchmark defines
+    (`goal_tasks`, `achieved_goal`, `with_goal`), as fine-tuning's hindsight relabels do."""
+
+    def __init__(self, benchmark, share: float, key: str = "state"):
+        if not 0 <= share <= 1:
+            raise UserError(f"data.relabel_state_goals must be a share in [0, 1], got {share}")
+        self.benchmark, self.share, self.key = benchmark, share, key
+
+    def bind(self, dataset) -> None:
+        super().bind(dataset)
+        if self.key not in dataset.low_dim:
+            raise UserError(f"data.relabel_state_goals: the data has no {self.key!r} observations to write goals into")
+        self.goal_task = np.array([task in self.benchmark.goal_tasks for task in dataset.tasks])
+        if not self.goal_task.any():
+            raise UserError(f"data.relabel_state_goals: none of the data's tasks has a goal in the state in "
+                            f"{self.benchmark.name} (its goal tasks: {', '.join(self.benchmark.goal_tasks) or 'none'})")
+
+    def __call__(self, batch: dict, steps: np.ndarray, rng: np.random.Generator) -> None:
+        data = self.dataset
+        demo = data.step_demo[steps]
+        task, last = data.demo_task[demo], data.demo_end[demo] - 1
+        chosen = self.goal_task[task] & (steps < last) & (rng.random(len(steps)) < self.share)
+        later = rng.integers(steps + 1, np.maximum(last, steps + 1), endpoint=True)
+        windows = batch["obs"][self.key]
+        for index in np.unique(task[chosen]):
+            rows = np.flatnonzero(chosen & (task == index))
+            achieved = self.benchmark.achieved_goal(data.tasks[index], data.low_dim[self.key][later[rows]])
+            goals = np.repeat(achieved[:, None], windows.shape[1], axis=1).astype(windows.dtype)
+            windows[rows] = self.benchmark.with_goal(windows[rows], goals)
 
 
 class ActorAugmentation:

@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lcbc.data.augment import WindowAugmentation
+from lcbc.data.augment import StateGoalRelabeling, WindowAugmentation
 from lcbc.data.dataset import DemoDataset, keep_batch, split_demos
 from lcbc.errors import UserError
 
@@ -20,9 +20,12 @@ class DemoDataModule(L.LightningDataModule):
         obs_keys: observation keys to load (None: all of them).
         history, action_chunk: window sizes; `lcbc fit` links them to the policy's config.
         goal, goal_max_distance: hindsight goal relabeling (none, future, segment_end, final).
-        benchmark: the benchmark whose paraphrases of each task's instruction training may sample
-            (a `--benchmark` name, looked up in lcbc.benchmark's registry).
+        benchmark: the benchmark whose paraphrases of each task's instruction training may sample, and
+            whose goal interface `relabel_state_goals` uses (a `--benchmark` name, looked up in
+            lcbc.benchmark's registry).
         train_paraphrases: how many of a task's paraphrases training samples from.
+        relabel_state_goals: share of the training windows of the benchmark's goal tasks whose goal in the
+            state becomes one a later step of the same demo achieved (StateGoalRelabeling).
         shift_images: move each training window's images by up to this many pixels (random shift).
         augmentation: a WindowAugmentation applied to training windows (a class path and its init_args
             in the config, e.g. a benchmark's own).
@@ -35,7 +38,8 @@ class DemoDataModule(L.LightningDataModule):
     def __init__(self, paths: list[str] | str, weights: list[float] | None = None,
                  obs_keys: list[str] | None = None, history: int = 1, action_chunk: int = 1,
                  goal: str = "none", goal_max_distance: int | None = None, benchmark: str | None = None,
-                 train_paraphrases: int = 0, shift_images: int = 0, augmentation: WindowAugmentation | None = None,
+                 train_paraphrases: int = 0, relabel_state_goals: float = 0.0, shift_images: int = 0,
+                 augmentation: WindowAugmentation | None = None,
                  image_size: int | None = None, instruction: str | None = None, val_fraction: float = 0.05,
                  batch_size: int = 256, num_workers: int = 0, cache_images: bool = False, seed: int = 0):
         super().__init__()
@@ -50,18 +54,34 @@ class DemoDataModule(L.LightningDataModule):
             raise UserError(f"data.image_size: {image_size!r} is not a positive number of pixels")
         if not 0 <= val_fraction < 1:
             raise UserError(f"data.val_fraction: {val_fraction!r} is not in [0, 1)")
+        if not 0 <= relabel_state_goals <= 1:
+            raise UserError(f"data.relabel_state_goals: {relabel_state_goals!r} is not a share in [0, 1]")
+        if relabel_state_goals and not benchmark:
+            raise UserError("data.relabel_state_goals needs data.benchmark: its goal interface says where goals are")
         self.augmentation = augmentation
         self.save_hyperparameters(ignore=["augmentation"])  # the config keeps it; checkpoints hold plain data
         self.train_set: DemoDataset | None = None
         self.valid_set: DemoDataset | None = None
 
+    def _benchmark(self):
+        from lcbc.benchmark import load_benchmark
+
+        return load_benchmark(self.hparams.benchmark)
+
     def _paraphrases(self) -> dict[str, list[str]]:
         if not self.hparams.benchmark or not self.hparams.train_paraphrases:
             return {}
-        from lcbc.benchmark import load_benchmark
-
-        benchmark = load_benchmark(self.hparams.benchmark)
+        benchmark = self._benchmark()
         return {task: list(benchmark.instructions(task)[1:]) for task in benchmark.tasks}
+
+    def _augmentations(self) -> list[WindowAugmentation]:
+        """The general hindsight goals first, then the config's own augmentation (a benchmark's rules)."""
+        augmentations = []
+        if self.hparams.relabel_state_goals:
+            augmentations.append(StateGoalRelabeling(self._benchmark(), self.hparams.relabel_state_goals))
+        if self.augmentation is not None:
+            augmentations.append(self.augmentation)
+        return augmentations
 
     def _dataset(self, demos, train_paraphrases: int, augment: bool, vocabulary: DemoDataset | None) -> DemoDataset:
         hp = self.hparams
@@ -72,7 +92,7 @@ class DemoDataModule(L.LightningDataModule):
                            cache_images=hp.cache_images, tasks=vocabulary and vocabulary.tasks,
                            instructions=vocabulary and vocabulary.instructions, image_size=hp.image_size,
                            shift_images=hp.shift_images if augment else 0,
-                           augmentation=self.augmentation if augment else None)
+                           augmentation=self._augmentations() if augment else None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -8,7 +8,8 @@ demo (hindsight relabeling), so every intermediate state serves as a goal.
 
 `shift_images` moves each window's images by up to that many pixels (random shift, Yarats et al. 2021):
 a few demos' frames then cover more than their exact pixel positions. `augmentation` (a
-lcbc.data.augment.WindowAugmentation, e.g. a benchmark's own) changes the windows after that. Images of
+lcbc.data.augment.WindowAugmentation, e.g. a benchmark's own, or a list of them applied in order) changes
+the windows after that. Images of
 other sizes than `image_size` (cameras of different sizes, non-square ones) are resized to it as read.
 
 Low-dimensional arrays of all demos are read into memory once and concatenated; images stay on disk
@@ -84,7 +85,8 @@ class DemoDataset(torch.utils.data.Dataset):
                  clip_actions: float | None = 1.0, cache_images: bool = False, filter_key: str | None = None,
                  tasks: list[str] | None = None, instructions: list[str] | None = None,
                  paraphrases: dict[str, list[str]] | None = None, shift_images: int = 0,
-                 augmentation: WindowAugmentation | None = None, image_size: int | None = None):
+                 augmentation: WindowAugmentation | list[WindowAugmentation] | None = None,
+                 image_size: int | None = None):
         """`demos` come from `split_demos` (which validates the files); without them every demo of the
         validated files is used. `tasks` and `instructions` start the id vocabularies, so a validation split and its
         training split (which extends the validation vocabulary) agree on ids. `paraphrases`: task name ->
@@ -98,7 +100,9 @@ class DemoDataset(torch.utils.data.Dataset):
             raise UserError(f"shift_images must be >= 0 pixels, got {shift_images}")
         if image_size is not None and image_size < 1:
             raise UserError(f"image_size must be at least 1 pixel, got {image_size}")
-        self.shift_images, self.augmentation, self.image_size = shift_images, augmentation, image_size
+        self.shift_images, self.image_size = shift_images, image_size
+        self.augmentations = [one for one in (augmentation if isinstance(augmentation, list) else [augmentation])
+                              if one is not None]  # applied in order
         self.paraphrases = paraphrases or {}
         self.history, self.action_chunk = history, action_chunk
         self.goal, self.goal_max_distance = goal, goal_max_distance
@@ -185,8 +189,8 @@ class DemoDataset(torch.utils.data.Dataset):
         self.demo_instruction = np.array([choices[0] for choices in self.demo_instruction_choices])
         self._image_cache = {key: self._read_all_images(key) for key in self.image_shapes} if \
             self.cache_images else {}
-        if self.augmentation is not None:
-            self.augmentation.bind(self)
+        for augmentation in self.augmentations:
+            augmentation.bind(self)
 
     def _check_image_shape(self, path, demo: str, key: str, shape: tuple) -> tuple:
         """The (H, W, C) shape images of `key` come out in: resized to `image_size` when set; otherwise every
@@ -286,8 +290,8 @@ class DemoDataset(torch.utils.data.Dataset):
         if self.shift_images:
             for key in self.image_shapes:
                 batch["obs"][key] = shift_images(batch["obs"][key], self.shift_images, self._generator())
-        if self.augmentation is not None:
-            self.augmentation(batch, steps, self._generator())
+        for augmentation in self.augmentations:
+            augmentation(batch, steps, self._generator())
         return to_torch(batch)
 
     def __getitem__(self, index: int) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcbc.benchmarks.metaworld.env import ACHIEVED_GOAL_IN_STATE, GOAL_IN_STATE
+from lcbc.benchmarks.metaworld.env import GOAL_IN_STATE
 from lcbc.data.augment import ActorAugmentation, WindowAugmentation
 from lcbc.errors import UserError
 
@@ -110,54 +110,31 @@ def replace_ignored_goals(windows: np.ndarray, rows: np.ndarray, task: str, dono
 
 class StateAugmentation(WindowAugmentation):
     """Cloning's augmentations of Meta-World state windows (`data.augmentation` in configs/bc_mt10_state.yaml),
-    applied in this order:
+    applied in this order (hindsight goals are the general `data.relabel_state_goals`, through the goal
+    interface):
 
-    relabel_goals: share of the windows of tasks in ACHIEVED_GOAL_IN_STATE whose goal becomes where the
-        fingertips (reach) or the object are at a later step of the same demo: the actions up to there
-        lead to it, so a few demos teach many goals.
     shuffle_ignored_objects: windows of tasks in IGNORED_OBJECTS_IN_STATE get those objects as a random
         step of another demo of the task had them, so the policy cannot tell demos apart by them.
     shift_xy: hand, objects and goal of the windows of tasks in SHIFT_AXES move together by up to this
         many metres across the table: those experts act on relative positions."""
 
-    def __init__(self, relabel_goals: float = 0.0, shuffle_ignored_objects: bool = False, shift_xy: float = 0.0):
-        if not 0 <= relabel_goals <= 1:
-            raise UserError(f"StateAugmentation.relabel_goals must be a share in [0, 1], got {relabel_goals}")
+    def __init__(self, shuffle_ignored_objects: bool = False, shift_xy: float = 0.0):
         if shift_xy < 0:
             raise UserError(f"StateAugmentation.shift_xy must be >= 0 metres, got {shift_xy}")
-        self.relabel_goals, self.shift_xy = relabel_goals, shift_xy
-        self.shuffle_ignored_objects = shuffle_ignored_objects
+        self.shuffle_ignored_objects, self.shift_xy = shuffle_ignored_objects, shift_xy
 
     def bind(self, dataset) -> None:
         super().bind(dataset)
         if "state" not in dataset.low_dim:
             raise UserError("StateAugmentation needs Meta-World's 39-d 'state' observations")
-        tasks = [dataset.tasks[index] for index in dataset.demo_task]
-        achieved = [ACHIEVED_GOAL_IN_STATE.get(task, (-1, (0.0, 0.0, 0.0))) for task in tasks]
-        self.demo_goal_source = np.array([start for start, _ in achieved])
-        self.demo_goal_offset = np.array([offset for _, offset in achieved], dtype=np.float32)
-        self.demo_shift_axes = shift_axes(tasks)
+        self.demo_shift_axes = shift_axes([dataset.tasks[index] for index in dataset.demo_task])
 
     def __call__(self, batch: dict, steps: np.ndarray, rng: np.random.Generator) -> None:
         state = batch["obs"]["state"]
-        if self.relabel_goals > 0:
-            self._relabel_goals(state, steps, rng)
         if self.shuffle_ignored_objects:
             self._shuffle_ignored_objects(state, steps, rng)
         if self.shift_xy > 0:
             move_positions_xy(state, self.demo_shift_axes[self.dataset.step_demo[steps]], self.shift_xy, rng)
-
-    def _relabel_goals(self, state: np.ndarray, steps: np.ndarray, rng: np.random.Generator) -> None:
-        data = self.dataset
-        demo = data.step_demo[steps]
-        source, last = self.demo_goal_source[demo], data.demo_end[demo] - 1
-        chosen = (source >= 0) & (steps < last) & (rng.random(len(steps)) < self.relabel_goals)
-        if not chosen.any():
-            return
-        steps, demo, source, last = steps[chosen], demo[chosen], source[chosen], last[chosen]
-        later = rng.integers(steps + 1, last, endpoint=True)
-        goals = data.low_dim["state"][later[:, None], source[:, None] + np.arange(3)] + self.demo_goal_offset[demo]
-        state[chosen, :, GOAL_IN_STATE] = goals[:, None, :]
 
     def _shuffle_ignored_objects(self, state: np.ndarray, steps: np.ndarray, rng: np.random.Generator) -> None:
         data = self.dataset
