@@ -306,6 +306,29 @@ def test_onehot_policy_takes_a_task_name(onehot_dir):
             assert response.status_code == 422 and "task" in response.json()["detail"]
 
 
+def test_sessions_keep_their_own_action_chunks(tmp_path):
+    """With temporal ensembling the policy also remembers its recent action chunks: each session its own."""
+    rt1 = RT1Config.preset("rt1-tiny", history=2, action_chunk=3, dropout=0.0)
+    policy = LanguagePolicy(rt1, _stats({"actions": 3, "state": 4}), ["state"], [], INSTRUCTIONS, TASKS, "onehot",
+                            temporal_ensemble=0.5)
+    directory = _export(policy, tmp_path / "chunked")
+    reference = LanguagePolicy.from_pretrained(directory)
+    observations = [{"state": np.random.default_rng(seed).normal(size=4).astype(np.float32)} for seed in range(3)]
+    expected = [reference.act(obs, task_id=0) for obs in observations]
+    reference.reset()
+    reference.act(observations[0], task_id=0)
+    reference.act(observations[1], task_id=0)
+    reference.episode_memory = (reference._history, None)  # the chunks forgotten, the history kept
+    assert not np.allclose(reference.act(observations[2], task_id=0), expected[2])  # so the chunks matter
+    with TestClient(create_app(directory)) as chunked:
+        for obs, action in zip(observations, expected):
+            state = obs["state"].tolist()
+            response = chunked.post("/act", json={"task": TASKS[0], "observation": {"state": state}, "session_id": "a"})
+            other = {"task": TASKS[1], "observation": {"state": state[::-1]}, "session_id": "b"}
+            assert chunked.post("/act", json=other).status_code == 200  # another episode in between
+            np.testing.assert_allclose(np.float32(response.json()["action"]), action, rtol=1e-5, atol=1e-6)
+
+
 def test_serve_parser_defaults_to_loopback(monkeypatch):
     import argparse
 

@@ -166,6 +166,16 @@ class LanguagePolicy(nn.Module):
         self._history = None
         self._chunks = None
 
+    @property
+    def episode_memory(self) -> tuple | None:
+        """All the policy keeps between calls of its episodes (the observation history, the recent action
+        chunks): a server swaps it in and out per session; None is a fresh start."""
+        return None if self._history is None and self._chunks is None else (self._history, self._chunks)
+
+    @episode_memory.setter
+    def episode_memory(self, memory: tuple | None) -> None:
+        self._history, self._chunks = memory or (None, None)
+
     @torch.inference_mode()
     def reset_envs(self, done: np.ndarray) -> None:
         """Forget the history of the environments whose episodes ended (vectorized rollouts);

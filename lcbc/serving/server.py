@@ -4,9 +4,10 @@ Why it is built this way:
 
 * One policy in memory and one lock around it. A small RT-1 forward pass takes milliseconds on one core;
   serializing calls is simpler and, on a few CPU cores, as fast as running them in parallel.
-* The policy keeps its observation history inside itself (`policy._history`). The server keeps one
-  saved history per session id and swaps it in and out around each call, under the lock, so many
-  clients (episodes) share one network without sharing a history window.
+* The policy keeps its episodes' memory inside itself (`policy.episode_memory`: the history window and,
+  with temporal ensembling, the recent action chunks). The server keeps one saved memory per session id
+  and swaps it in and out around each call, under the lock, so many clients (episodes) share one network
+  without sharing a history window.
 * Chained requests ("open the drawer", then "turn on the stove", one episode) need no endpoint of their
   own: the instruction comes with every /act call, so a client sends the next one in the same session
   once it sees the goal reached, and the history window carries over. Only the client, which holds the
@@ -250,16 +251,15 @@ class PolicyService:
         with self.lock:
             if vector is not None:
                 self._cache_instruction(conditioning["instruction"], vector)
-            history = self.sessions.pop(session_id, None) if session_id is not None else None
-            self.policy._history = history
+            self.policy.episode_memory = self.sessions.pop(session_id, None) if session_id is not None else None
             try:
                 action = self.policy.act(observation, **conditioning)
-                if session_id is not None:  # a failed call drops the session: its history is half-updated
-                    self.sessions[session_id] = self.policy._history
+                if session_id is not None:  # a failed call drops the session: its memory is half-updated
+                    self.sessions[session_id] = self.policy.episode_memory
                     while len(self.sessions) > self.max_sessions:
                         self.sessions.popitem(last=False)
             finally:
-                self.policy._history = None
+                self.policy.episode_memory = None
         return {"action": action.tolist(), "session_id": session_id}
 
     def reset(self, payload: dict) -> dict:
