@@ -132,14 +132,16 @@ def test_state_goals_relabeled_to_goals_achieved_later(tmp_path, share):
         StateGoalRelabeling(load_benchmark("metaworld:MT10"), 1.5)
 
 
-def test_state_goal_relabeling_needs_a_benchmark_with_goal_tasks(tmp_path):
+def test_state_goal_relabeling_needs_a_benchmark_and_leaves_other_tasks_alone(tmp_path):
     path = write_demo_file(tmp_path / "d.hdf5", lengths=(6, 6), state_dim=10, instructions=["x"],
                            tasks=["drawer-open-v3", "door-open-v3"])
     with pytest.raises(UserError, match="needs data.benchmark"):
         DemoDataModule(str(path), relabel_state_goals=0.5)
-    data = DemoDataModule(str(path), benchmark="metaworld:MT10", relabel_state_goals=0.5, val_fraction=0.0)
-    with pytest.raises(UserError, match="none of the data's tasks has a goal in the state in metaworld:MT10"):
-        data.setup()
+    data = DemoDataModule(str(path), benchmark="metaworld:MT10", relabel_state_goals=1.0, val_fraction=0.0)
+    data.setup()
+    steps = np.arange(len(data.train_set))
+    stored = data.train_set.low_dim["state"][data.train_set.window_indices(steps)["history"]]
+    np.testing.assert_array_equal(data.train_set.__getitems__(steps)["obs"]["state"].numpy(), stored)
 
 
 def test_ignored_objects_come_from_random_demos_of_the_same_task(tmp_path):

@@ -37,13 +37,11 @@ class StateGoalRelabeling(WindowAugmentation):
         self.benchmark, self.share, self.key = benchmark, share, key
 
     def bind(self, dataset) -> None:
+        """Data without any goal task (drawer and window alone) is left as it is."""
         super().bind(dataset)
-        if self.key not in dataset.low_dim:
-            raise UserError(f"data.relabel_state_goals: the data has no {self.key!r} observations to write goals into")
         self.goal_task = np.array([task in self.benchmark.goal_tasks for task in dataset.tasks])
-        if not self.goal_task.any():
-            raise UserError(f"data.relabel_state_goals: none of the data's tasks has a goal in the state in "
-                            f"{self.benchmark.name} (its goal tasks: {', '.join(self.benchmark.goal_tasks) or 'none'})")
+        if self.goal_task.any() and self.key not in dataset.low_dim:
+            raise UserError(f"data.relabel_state_goals: the data has no {self.key!r} observations to write goals into")
 
     def __call__(self, batch: dict, steps: np.ndarray, rng: np.random.Generator) -> None:
         data = self.dataset
