@@ -27,8 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
+# Two test processes (pytest-xdist), one per core of the 2-core machines the suite is sized for.
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n 2
 
 lint: install
 	$(VENV)/bin/ruff check lcbc tests benchmarks
