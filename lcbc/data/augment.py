@@ -37,7 +37,7 @@ class StateGoalRelabeling(WindowAugmentation):
         self.benchmark, self.share, self.key = benchmark, share, key
 
     def bind(self, dataset) -> None:
-        """Data without any goal task (drawer and window alone) is left as it is."""
+        """Data without any of the benchmark's goal tasks is left as it is."""
         super().bind(dataset)
         self.goal_task = np.array([task in self.benchmark.goal_tasks for task in dataset.tasks])
         if self.goal_task.any() and self.key not in dataset.low_dim:

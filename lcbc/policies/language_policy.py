@@ -162,7 +162,8 @@ class LanguagePolicy(nn.Module):
     # ---- acting in environments ------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the observation history: call at the start of every episode."""
+        """Forget the episode memory (observation history, recent action chunks): call at the start of every
+        episode."""
         self._history = None
         self._chunks = None
 
