@@ -6,7 +6,7 @@
 The limit is the same environments (same tasks, same number per task, same goals) stepped in the
 same loop by a random policy, which costs nothing to query. Both run interleaved, in one process and in
 each other number of worker processes `--workers` lists (`lcbc eval --workers`). A pixel policy's
-environments render its camera, the random policy's too.
+environments render its cameras, the random policy's too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from report import write_section
 
 from lcbc.benchmark import load_benchmark
-from lcbc.cli import policy_camera
+from lcbc.cli import policy_cameras
 from lcbc.evaluation.rollout import PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
 
@@ -55,7 +55,7 @@ def main() -> None:
     benchmark = load_benchmark(args.benchmark)
     tasks = benchmark.tasks
     policy = LanguagePolicy.from_pretrained(args.policy)
-    camera, image_size = policy_camera(policy, benchmark)
+    cameras, image_size = policy_cameras(policy, benchmark)
     workers = [int(count) for count in args.workers.split(",")]
     loops = {f"{name}, {count} process{'es' * (count > 1)}": (actor, count) for count in workers
              for name, actor in (("random policy (the limit)", RandomActor(policy.rt1_config.action_dim)),
@@ -63,11 +63,11 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(args.repeats):
         for name, (actor, count) in loops.items():
-            result = rollout(actor, benchmark, args.episodes, envs_per_task=args.envs_per_task, camera=camera,
+            result = rollout(actor, benchmark, args.episodes, envs_per_task=args.envs_per_task, cameras=cameras,
                              image_size=image_size, progress=False, workers=count)
             rates[name].append(result.steps / result.seconds)
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    rendering = f", rendering {camera} at {image_size} px" if camera else ""
+    rendering = f", rendering {' and '.join(cameras)} at {image_size} px" if cameras else ""
     title = "Evaluation throughput" + ("" if benchmark.name == "metaworld:MT10" else f", {benchmark.name}")
     lines = [f"## {title}\n\nMeasured {datetime.date.today()} on 2 CPU cores with "
              f"`python benchmarks/eval_speed.py --policy {args.policy} --benchmark {args.benchmark} "

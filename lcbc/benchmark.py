@@ -10,7 +10,7 @@ names under `data.augmentation` or `model.actor_augmentation`).
 
 The environment a benchmark makes follows gymnasium: `reset(options={"goal": goal})` starts an episode
 on a goal variation, `step` returns `info["success"]` (a bool), observations are dicts (a flat float
-`state` for state policies, `<camera>_rgb` uint8 images when made with a camera), and the attribute
+`state` for state policies, `<camera>_rgb` uint8 images for each camera it was made with), and the attribute
 `max_episode_steps` is the horizon. `simulator_state()`, when present, is stored for replay scoring.
 
 Tasks that share a scene (`scene`) differ only in what is asked, so one episode can be scored for all of them.
@@ -62,8 +62,9 @@ class Benchmark:
         """The `index`-th goal variation of `task` in `split`; every index gives a new one."""
         raise NotImplementedError
 
-    def make_env(self, task: str, camera: str | None = None, image_size: int = 64):
-        """A gymnasium environment for `task`; reset it with `options={"goal": self.goal(...)}`."""
+    def make_env(self, task: str, cameras: tuple[str, ...] = (), image_size: int = 64):
+        """A gymnasium environment for `task` whose observations hold an image from each of `cameras`; reset
+        it with `options={"goal": self.goal(...)}`."""
         raise NotImplementedError
 
     def expert(self, task: str) -> Callable[[dict], np.ndarray] | None:

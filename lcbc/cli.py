@@ -31,11 +31,15 @@ def cmd_collect(args) -> None:
 
     benchmark = load_benchmark(args.benchmark)
     tasks = benchmark.tasks
-    if args.obs in ("rgb", "both") and not (args.camera or benchmark.cameras):
+    cameras = tuple(name.strip() for name in (args.camera or "").split(",") if name.strip())
+    if args.obs in ("rgb", "both") and not (cameras or benchmark.cameras):
         raise UserError(f"--obs {args.obs}: {benchmark.name} renders no cameras")
-    camera = (args.camera or benchmark.cameras[0]) if args.obs in ("rgb", "both") else None
+    unknown = [name for name in cameras if benchmark.cameras and name not in benchmark.cameras]
+    if unknown:
+        raise UserError(f"--camera {unknown[0]}: {benchmark.name} renders {', '.join(benchmark.cameras)}")
+    cameras = (cameras or benchmark.cameras[:1]) if args.obs in ("rgb", "both") else ()
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
-    report = collect(args.out, args.benchmark, args.episodes_per_task, camera=camera, image_size=args.image_size,
+    report = collect(args.out, args.benchmark, args.episodes_per_task, cameras=cameras, image_size=args.image_size,
                      workers=args.workers, mode=mode, steps_after_success=args.steps_after_success,
                      action_noise=args.action_noise, after_tasks=args.after_tasks)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
@@ -131,16 +135,19 @@ def _load_policy(directory: str, snap_cosine: float = 0.0):
     return LanguagePolicy.from_pretrained(directory, snap_cosine)
 
 
-def policy_camera(policy, benchmark) -> tuple[str | None, int]:
-    """Pixel policies name their camera in their image key (`corner_rgb`)."""
-    keys = policy.config["image_keys"]
-    if keys:
-        camera = keys[0].removesuffix("_rgb")
-        if camera not in benchmark.cameras:
-            raise UserError(f"the policy reads camera {camera!r}; {benchmark.name} renders "
-                            f"{', '.join(benchmark.cameras) or 'no cameras'}")
-        return camera, policy.config["rt1"]["image_size"]
-    return None, 64
+def policy_cameras(policy, benchmark) -> tuple[tuple[str, ...], int]:
+    """Pixel policies name their cameras in their image keys (`corner_rgb`); state policies read none."""
+    cameras = tuple(key.removesuffix("_rgb") for key in policy.config["image_keys"])
+    unknown = [camera for camera in cameras if camera not in benchmark.cameras]
+    if unknown:
+        raise UserError(f"the policy reads camera {unknown[0]!r}; {benchmark.name} renders "
+                        f"{', '.join(benchmark.cameras) or 'no cameras'}")
+    return cameras, policy.config["rt1"]["image_size"] if cameras else 64
+
+
+def video_cameras(cameras: tuple[str, ...], benchmark) -> tuple[str, ...]:
+    """What an episode with a video renders: the policy's cameras, or the benchmark's first for a state policy."""
+    return cameras or benchmark.cameras[:1]
 
 
 def _instruction_file(path: str, tasks: list[str]) -> dict[str, list[str]]:
@@ -198,16 +205,16 @@ def cmd_eval(args) -> None:
     if args.instructions == "unseen":  # the benchmark's phrasings this policy was never trained on
         known = set(policy.config["instructions"])
         instructions = {task: [text for text in benchmark.instructions(task) if text not in known] for task in tasks}
-    camera, size = policy_camera(policy, benchmark)
+    cameras, size = policy_cameras(policy, benchmark)
     actor = PolicyActor(policy)
     if args.out is None:  # beside the policy, per benchmark and split: evaluations of other policies never collide
         folder = re.sub(r"[^\w.,-]+", "-", f"{benchmark.name}_{args.split}")
         args.out = Path(args.policy).absolute().parent / "eval" / folder
     if args.obedience or args.chain:
-        _eval_scene(args, benchmark, actor, instructions, camera, size)
+        _eval_scene(args, benchmark, actor, instructions, cameras, size)
         return
     result = rollout(actor, benchmark, args.episodes, instructions, split=args.split,
-                     envs_per_task=args.envs_per_task, camera=camera, image_size=size, workers=args.workers)
+                     envs_per_task=args.envs_per_task, cameras=cameras, image_size=size, workers=args.workers)
     has_expert = not args.no_expert and benchmark.expert(tasks[0]) is not None
     expert = rollout(ExpertActor(benchmark), benchmark, args.episodes, split=args.split,
                      envs_per_task=args.envs_per_task, progress=False, workers=args.workers) if has_expert else None
@@ -220,12 +227,12 @@ def cmd_eval(args) -> None:
     out = Path(args.out)
     write_report(table, out)
     videos = []
-    video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
-    for task in tasks if video_camera else []:
+    rendered = video_cameras(cameras, benchmark)
+    for task in tasks if rendered else []:
         for episode in range(args.videos):
             path = out / "videos" / f"{task}_{episode}.gif"
             play_episode(actor, benchmark, Job(task, benchmark.canonical_instruction(task), episode), args.split,
-                         path, video_camera, size if camera else 128)
+                         path, rendered, size if cameras else 128)
             videos.append(path)
     Console().print(markdown(table))
     for text, nearest in table.get("nearest_training_instruction", {}).items():
@@ -239,7 +246,7 @@ def cmd_eval(args) -> None:
         print(f"no videos: {benchmark.name} renders no cameras")
 
 
-def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
+def _eval_scene(args, benchmark, actor, instructions, cameras, size) -> None:
     """`eval --obedience` (the asked x reached table) or `eval --chain N` (success by chain length, beside the
     scripted experts' on the same chains when every task has one)."""
     from pathlib import Path
@@ -253,7 +260,7 @@ def _eval_scene(args, benchmark, actor, instructions, camera, size) -> None:
         jobs = scene.obedience_jobs(tasks, args.episodes, asked, args.blind)
     else:
         jobs = scene.chain_jobs(benchmark, tasks, args.episodes, args.chain, asked)
-    result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, camera, size, workers=args.workers)
+    result = run_jobs(actor, benchmark, jobs, args.split, args.envs_per_task, cameras, size, workers=args.workers)
     if args.obedience:
         name, table = "obedience", scene.obedience_table(tasks, result.outcomes)
         text, plot = scene.obedience_markdown(table), scene.obedience_heatmap
@@ -294,11 +301,11 @@ def cmd_act(args) -> None:
     if len(args.instruction) > 1 and not language:
         raise UserError(f"several instructions: the policy is conditioned on {policy.config['task_mode']}, not on "
                         "words")
-    camera, size = policy_camera(policy, benchmark)
-    video_camera = camera or (benchmark.cameras[0] if benchmark.cameras else None)
-    if args.video and video_camera is None:
+    cameras, size = policy_cameras(policy, benchmark)
+    rendered = video_cameras(cameras, benchmark)
+    if args.video and not rendered:
         raise UserError(f"--video: {benchmark.name} renders no cameras")
-    video = (Path(args.video) if args.video else Path(f"{args.task}.gif")) if video_camera else None
+    video = (Path(args.video) if args.video else Path(f"{args.task}.gif")) if rendered else None
     asked = []
     for words in args.instruction:
         task, nearest = args.task, ""
@@ -314,8 +321,8 @@ def cmd_act(args) -> None:
         job = Job(*requests[0], args.episode, args.task, tuple(requests[1:]))
     else:
         job = Job(args.task, args.instruction[0], args.episode)
-    outcome, record = play_episode(PolicyActor(policy), benchmark, job, args.split, video, video_camera,
-                                   size if camera else 128)
+    outcome, record = play_episode(PolicyActor(policy), benchmark, job, args.split, video, rendered,
+                                   size if cameras else 128)
     print(f"{args.task}'s scene, {len(record['actions'])} steps" + (f"; video: {video}" if video else ""))
     reached = outcome.reached if chains else [_reached_tasks(benchmark, args.task, outcome, record)]
     for number, (words, task) in enumerate(zip(args.instruction, asked)):
@@ -381,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--episodes-per-task", type=int, default=50)
     collect.add_argument("--obs", choices=("state", "rgb", "both"), default="state")
     collect.add_argument("--image-size", type=int, default=64)
-    collect.add_argument("--camera", help="one of the benchmark's cameras; its first by default (Meta-World: corner, "
-                         "LIBERO: agentview)")
+    collect.add_argument("--camera", help="the benchmark's cameras to record, comma-separated; its first by default "
+                         "(Meta-World: corner, LIBERO: agentview; LIBERO's wrist camera: robot0_eye_in_hand)")
     collect.add_argument("--out", required=True)
     collect.add_argument("--workers", type=int, default=2)
     collect.add_argument("--steps-after-success", type=int, default=20,

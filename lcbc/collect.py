@@ -120,7 +120,7 @@ def predecessors(benchmark, task: str) -> list[str]:
     return [other for other in benchmark.scene(task) if benchmark.can_follow(other, task)]
 
 
-def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | None, image_size: int,
+def collect_task(benchmark_spec: str, task: str, episodes: int, cameras: tuple[str, ...], image_size: int,
                  steps_after_success: int, action_noise: float, after_tasks: int, done_episodes: frozenset[int],
                  emit: Callable) -> None:
     """Roll out the expert on new training goals of `task` until `episodes` successes; emit each kept one."""
@@ -128,7 +128,7 @@ def collect_task(benchmark_spec: str, task: str, episodes: int, camera: str | No
     try:
         benchmark = load_benchmark(benchmark_spec)
         experts = {name: benchmark.expert(name) for name in (task, *predecessors(benchmark, task))}
-        env = benchmark.make_env(task, camera=camera, image_size=image_size)
+        env = benchmark.make_env(task, cameras=cameras, image_size=image_size)
         kept, attempts, episode = len(done_episodes), 0, 0
         max_episode = 3 * episodes + 20
         while kept < episodes and episode < max_episode:
@@ -176,7 +176,7 @@ def _worker(jobs, results, parent: int) -> None:
         collect_task(*job, emit=results.put)
 
 
-def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str | None = None,
+def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tuple[str, ...] = (),
             image_size: int = 64, workers: int = 1, mode: str = "create",
             steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None,
             action_noise: float = 0.0, after_tasks: int = 0) -> CollectionReport:
@@ -193,20 +193,20 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, camera: str |
         raise UserError(f"--after-tasks: no task of {benchmark.name} can come before {alone[0]} in one episode "
                         f"(Benchmark.can_follow)")
     env_args = {"env_name": benchmark.name, "env_type": "lcbc",
-                "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "camera": camera, "image_size": image_size,
-                               "steps_after_success": steps_after_success,
+                "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "cameras": list(cameras),
+                               "image_size": image_size, "steps_after_success": steps_after_success,
                                **({"action_noise": action_noise} if action_noise else {}),  # absent: none
                                **({"after_tasks": after_tasks} if after_tasks else {})}}
     report = CollectionReport()
-    # A resumed file must hold the same observations, so the same camera and image size, and the same noise
+    # A resumed file must hold the same observations, so the same cameras and image size, and the same noise
     # and starts.
-    with DemoWriter(out, env_args, mode=mode, same_setup=("camera", "image_size", "action_noise",
+    with DemoWriter(out, env_args, mode=mode, same_setup=("cameras", "image_size", "action_noise",
                                                           "after_tasks")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
-        jobs = [(benchmark_spec, task, episodes_per_task, camera, image_size, steps_after_success, action_noise,
+        jobs = [(benchmark_spec, task, episodes_per_task, tuple(cameras), image_size, steps_after_success, action_noise,
                  after_tasks, frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

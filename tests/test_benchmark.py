@@ -55,7 +55,7 @@ class PointMass(Benchmark):
     def goal(self, task, split, index):  # a goal variation: where the point starts
         return np.random.default_rng([SPLITS.index(self.check_split(split)), index]).uniform(-0.5, 0.5, 2)
 
-    def make_env(self, task, camera=None, image_size=64):
+    def make_env(self, task, cameras=(), image_size=64):
         return PointMassEnv(task)
 
     def expert(self, task):
@@ -105,7 +105,7 @@ class SharedCornersEnv(PointMassEnv):
 class SharedCorners(PointMass):
     name = "pointmass-scene"
 
-    def make_env(self, task, camera=None, image_size=64):
+    def make_env(self, task, cameras=(), image_size=64):
         return SharedCornersEnv(task)
 
     def expert(self, task):

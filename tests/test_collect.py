@@ -50,12 +50,14 @@ def test_collection_with_camera_images(tmp_path):
     from lcbc.collect import collect
 
     path = tmp_path / "pixels.hdf5"
-    collect(str(path), "metaworld:reach-v3", episodes_per_task=1, camera="corner", image_size=32)
+    collect(str(path), "metaworld:reach-v3", episodes_per_task=1, cameras=("corner", "topview"), image_size=32)
     with h5py.File(path) as f:
         demo = f["data"][demo_names(f)[0]]
         images, robot = demo["obs/corner_rgb"][()], demo["obs/robot_state"][()]
+        from_above = demo["obs/topview_rgb"][()]
         np.testing.assert_array_equal(robot, demo["obs/state"][:, :4])
-    assert images.shape == (len(robot), 32, 32, 3) and images.dtype == np.uint8
+    assert images.shape == from_above.shape == (len(robot), 32, 32, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - from_above).mean() > 10  # two views of one scene, not one view twice
     moved = np.abs(images[-1].astype(int) - images[0]).sum(-1) > 30  # pixels the arm's reach changed
     assert 5 < moved.sum() < 32 * 32 / 2
     # Upright: the table (lower half) changes less than the arm above it.

@@ -154,12 +154,32 @@ def test_bad_inputs_exit_2(trained_policy, tmp_path, capsys):
                          "several instructions"),
                         (["act", "--policy", policy, "--task", "nope-v3", "x"], "--task"),
                         (["act", "--policy", policy, "--task", "reach-v3", " "], "empty"),
-                        (["act", "--policy", policy, "--task", "reach-v3", ""], "empty")):
+                        (["act", "--policy", policy, "--task", "reach-v3", ""], "empty"),
+                        (["collect", "--benchmark", "reach-v3", "--out", str(tmp_path / "x.hdf5"), "--obs", "both",
+                          "--camera", "corner,side"], "--camera side")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0], (argv, err)
+
+
+def test_a_pixel_policy_is_evaluated_with_every_camera_it_reads_and_a_state_policy_with_none():
+    from types import SimpleNamespace
+
+    from lcbc.cli import policy_cameras, video_cameras
+    from lcbc.errors import UserError
+
+    benchmark = load_benchmark("reach-v3")
+    two_views = SimpleNamespace(config={"image_keys": ["corner2_rgb", "gripperPOV_rgb"], "rt1": {"image_size": 96}})
+    assert policy_cameras(two_views, benchmark) == (("corner2", "gripperPOV"), 96)
+    assert video_cameras(("corner2", "gripperPOV"), benchmark) == ("corner2", "gripperPOV")
+    state_only = SimpleNamespace(config={"image_keys": [], "rt1": {}})
+    assert policy_cameras(state_only, benchmark) == ((), 64)
+    assert video_cameras((), benchmark) == ("corner",)  # a state policy's videos: the benchmark's first camera
+    elsewhere = SimpleNamespace(config={"image_keys": ["corner_rgb", "agentview_rgb"], "rt1": {"image_size": 64}})
+    with pytest.raises(UserError, match="'agentview'"):
+        policy_cameras(elsewhere, benchmark)
 
 
 def test_policy_act_batch_keeps_per_environment_history(trained_policy):

@@ -72,13 +72,16 @@ def test_a_step_reports_success_as_a_bool_and_the_robot_state_leads_the_state(be
     assert env.max_episode_steps == 300
 
 
-def test_a_camera_environment_adds_its_upright_image(benchmark):
-    env = benchmark.make_env(TASK, camera="agentview", image_size=32)
+def test_camera_environments_add_an_image_from_each_camera(benchmark):
+    env = benchmark.make_env(TASK, cameras=("agentview", "robot0_eye_in_hand"), image_size=32)
     obs, _ = env.reset(options={"goal": benchmark.goal(TASK, "train", 0)})
     env.close()
-    image = obs["agentview_rgb"]
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    assert image.std() > 10  # a rendered scene, not a blank frame
+    scene, wrist = obs["agentview_rgb"], obs["robot0_eye_in_hand_rgb"]
+    assert scene.shape == wrist.shape == (32, 32, 3) and scene.dtype == wrist.dtype == np.uint8
+    assert scene.std() > 10 and wrist.std() > 10  # rendered scenes, not blank frames
+    assert np.abs(scene.astype(int) - wrist).mean() > 10  # two views, not one view twice
+    with pytest.raises(UserError, match="wrist"):
+        benchmark.make_env(TASK, cameras=("agentview", "wrist"))
 
 
 def run_expert(benchmark, env, task, goal) -> bool:

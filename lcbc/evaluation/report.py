@@ -83,12 +83,12 @@ def bar_chart(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def play_episode(actor, benchmark, job, split: str, video: Path | None = None, camera: str | None = None,
+def play_episode(actor, benchmark, job, split: str, video: Path | None = None, cameras: tuple[str, ...] = (),
                  size: int = 128) -> tuple:
-    """One episode of `job` (a rollout.Job: its requests, on its start task's `episode`-th goal of `split`);
-    with `video`, rendered from `camera` into a GIF. Returns its rollout.Outcome and what happened: goal, flat
-    states, actions, successes and, where the environment gives them, simulator states (for scoring the
-    scene's other tasks)."""
+    """One episode of `job` (a rollout.Job: its requests, on its start task's `episode`-th goal of `split`),
+    its environment rendering `cameras`; with `video`, the first of them as a GIF. Returns its rollout.Outcome
+    and what happened: goal, flat states, actions, successes and, where the environment gives them, simulator
+    states (for scoring the scene's other tasks)."""
     import imageio.v2 as imageio
 
     from lcbc.evaluation.rollout import run_jobs
@@ -105,9 +105,9 @@ def play_episode(actor, benchmark, job, split: str, video: Path | None = None, c
         if hasattr(env, "simulator_state"):
             record["states"].append(env.simulator_state())
         if video:
-            frames.append(obs[f"{camera}_rgb"])
+            frames.append(obs[f"{cameras[0]}_rgb"])
 
-    result = run_jobs(actor, benchmark, [job], split, envs_per_task=1, camera=camera,
+    result = run_jobs(actor, benchmark, [job], split, envs_per_task=1, cameras=cameras,
                       image_size=size, progress=False, watch=watch)
     if video:
         frames.extend([frames[-1]] * 10)  # hold the last frame so the outcome is visible

@@ -132,14 +132,14 @@ class ExpertActor:
 
 
 def rollout(actor, benchmark, episodes: int, instructions: dict[str, list[str]] | None = None,
-            split: str = "validation", envs_per_task: int = 10, camera: str | None = None, image_size: int = 64,
+            split: str = "validation", envs_per_task: int = 10, cameras: tuple[str, ...] = (), image_size: int = 64,
             progress: bool = True, tasks: list[str] | None = None, workers: int = 1) -> EvalResult:
     """Run the first `episodes` goals of `split` for each of the benchmark's tasks (or `tasks`), and each
-    phrasing when `instructions` is given; `camera` renders images for pixel policies."""
+    phrasing when `instructions` is given; `cameras` render images for pixel policies."""
     tasks = list(tasks or benchmark.tasks)
     asked = phrasings(benchmark, tasks, instructions)
     jobs = [Job(task, text, e) for task in tasks for text in asked[task] for e in range(episodes)]
-    return run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress, workers=workers)
+    return run_jobs(actor, benchmark, jobs, split, envs_per_task, cameras, image_size, progress, workers=workers)
 
 
 def phrasings(benchmark, tasks: list[str], instructions: dict[str, list[str]] | None) -> dict[str, list[str]]:
@@ -155,7 +155,7 @@ def holding(info: dict, task: str) -> dict[str, bool]:
 
 
 def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_per_task: int = 10,
-             camera: str | None = None, image_size: int = 64, progress: bool = True,
+             cameras: tuple[str, ...] = (), image_size: int = 64, progress: bool = True,
              watch: Callable | None = None, workers: int = 1, finished: Callable | None = None) -> EvalResult:
     """Run every job (see the module docstring), `envs_per_task` environments per start task at a time, in
     `workers` processes. `watch(env, observation, action, info)` sees every reset (action None) and step (in
@@ -163,12 +163,12 @@ def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_
     if workers > 1 and len(jobs) > 1:
         if watch:
             raise ValueError("watch sees the environments of this process: run with workers=1")
-        return _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress, workers)
+        return _run_in_workers(actor, benchmark, jobs, split, envs_per_task, cameras, image_size, progress, workers)
     warnings.filterwarnings("ignore", message="Constant")
     queues: dict[str, list[Job]] = {}
     for job in jobs:
         queues.setdefault(job.start_task, []).append(job)
-    slots = [(_borrow_env(benchmark, start, camera, image_size), start)
+    slots = [(_borrow_env(benchmark, start, cameras, image_size), start)
              for start, queue in queues.items() for _ in range(min(envs_per_task, len(queue)))]
     result = EvalResult()
     first: list[Job | None] = [None] * len(slots)  # each slot's job as given; `current` is its request now
@@ -238,7 +238,7 @@ def run_jobs(actor, benchmark, jobs: list[Job], split: str = "validation", envs_
                     start_next(i)
     result.seconds = time.perf_counter() - started
     for env, start in slots:
-        _IDLE_ENVS.setdefault((benchmark.name, start, camera, image_size), []).append(env)
+        _IDLE_ENVS.setdefault((benchmark.name, start, tuple(cameras), image_size), []).append(env)
     return result
 
 
@@ -258,7 +258,7 @@ def shard(jobs: list[Job], workers: int) -> list[list[Job]]:
     return shares
 
 
-def _worker(actor, benchmark, jobs, split, envs_per_task, camera, image_size, results, parent: int) -> None:
+def _worker(actor, benchmark, jobs, split, envs_per_task, cameras, image_size, results, parent: int) -> None:
     """One evaluation process: runs its jobs, sends each outcome as it ends, then its whole result."""
     import threading
 
@@ -269,19 +269,19 @@ def _worker(actor, benchmark, jobs, split, envs_per_task, camera, image_size, re
     threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     try:
-        result = run_jobs(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress=False,
+        result = run_jobs(actor, benchmark, jobs, split, envs_per_task, cameras, image_size, progress=False,
                           finished=lambda outcome: results.put(("outcome", None)))
         results.put(("result", result))
     except Exception as error:  # reported to the parent, which raises it
         results.put(("error", error))
 
 
-def _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_size, progress,
+def _run_in_workers(actor, benchmark, jobs, split, envs_per_task, cameras, image_size, progress,
                     workers: int) -> EvalResult:
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_worker, daemon=True, args=(actor, benchmark, share, split, envs_per_task,
-                                                                    camera, image_size, results, os.getpid()))
+                                                                    cameras, image_size, results, os.getpid()))
                  for share in shard(jobs, workers)]
     merged = EvalResult()
     try:
@@ -319,6 +319,6 @@ def _run_in_workers(actor, benchmark, jobs, split, envs_per_task, camera, image_
 _IDLE_ENVS: dict[tuple, list] = {}
 
 
-def _borrow_env(benchmark, task: str, camera: str | None, image_size: int):
-    idle = _IDLE_ENVS.get((benchmark.name, task, camera, image_size))
-    return idle.pop() if idle else benchmark.make_env(task, camera=camera, image_size=image_size)
+def _borrow_env(benchmark, task: str, cameras: tuple[str, ...], image_size: int):
+    idle = _IDLE_ENVS.get((benchmark.name, task, tuple(cameras), image_size))
+    return idle.pop() if idle else benchmark.make_env(task, cameras=tuple(cameras), image_size=image_size)

@@ -66,9 +66,9 @@ class Libero(Benchmark):
     def goal(self, task: str, split: str, index: int):
         return split_goal(self.suite, self._task(task)[0], self.check_split(split), index)
 
-    def make_env(self, task: str, camera: str | None = None, image_size: int = 64) -> LiberoEnv:
+    def make_env(self, task: str, cameras: tuple[str, ...] = (), image_size: int = 64) -> LiberoEnv:
         scene_goals = {other: goal_predicates(self._bddl(other)) for other in self.scene(task)}
-        return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], scene_goals, camera=camera,
+        return LiberoEnv(self._task(task)[1], MAX_EPISODE_STEPS[self.suite], scene_goals, cameras=cameras,
                          image_size=image_size)
 
     def _bddl(self, task: str) -> str:

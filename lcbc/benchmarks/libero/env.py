@@ -175,29 +175,30 @@ def speed_up_rendering(sim) -> None:
 class LiberoEnv(gym.Env):
     """One LIBERO task; `reset(options={"goal": goal})` starts on a placement seed or an initial state.
 
-    Keys: `state` (see StateLayout), `robot_state` (its robot part) and, with a camera, `<camera>_rgb`
+    Keys: `state` (see StateLayout), `robot_state` (its robot part) and, for each of `cameras`, `<camera>_rgb`
     (image_size x image_size x 3 uint8, upright). `info["scene_success"]` (from reset and every step) says
     which of `scene_goals` (task -> BDDL goal predicates of tasks in the same scene) hold.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, task, max_episode_steps: int, scene_goals: dict[str, tuple], camera: str | None = None,
+    def __init__(self, task, max_episode_steps: int, scene_goals: dict[str, tuple], cameras: tuple[str, ...] = (),
                  image_size: int = 64):
         from libero.libero.envs import OffScreenRenderEnv
         from libero.libero.envs.env_wrapper import ControlEnv
 
-        if camera is not None and camera not in CAMERAS:
-            raise UserError(f"--camera: LIBERO renders {', '.join(CAMERAS)}, not {camera!r}")
-        self.camera, self.max_episode_steps = camera, max_episode_steps
+        unknown = [camera for camera in cameras if camera not in CAMERAS]
+        if unknown:
+            raise UserError(f"--camera: LIBERO renders {', '.join(CAMERAS)}, not {unknown[0]!r}")
+        self.cameras, self.max_episode_steps = tuple(cameras), max_episode_steps
         self.layout = scene_layout(bddl_path(task))
         # No hard reset: rebuilding the scene on every reset takes seconds and would undo speed_up_rendering.
         # ignore_done: the episode's end is this wrapper's business (max_episode_steps), not robosuite's horizon.
         options = dict(bddl_file_name=bddl_path(task), hard_reset=False, ignore_done=True,
                        camera_heights=image_size, camera_widths=image_size,
                        initialization_noise={"magnitude": JOINT_INIT_NOISE, "type": "gaussian"})
-        if camera:
-            self._env = OffScreenRenderEnv(**options, camera_names=[camera])
+        if self.cameras:
+            self._env = OffScreenRenderEnv(**options, camera_names=list(self.cameras))
             speed_up_rendering(self._env.sim)
         else:
             self._env = ControlEnv(**options, has_offscreen_renderer=False, use_camera_obs=False, camera_names=[])
@@ -213,7 +214,7 @@ class LiberoEnv(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (self.layout.size,), np.float64),
                   "robot_state": gym.spaces.Box(-np.inf, np.inf, (self.layout.robot_size,), np.float64)}
-        if camera:
+        for camera in self.cameras:
             spaces[f"{camera}_rgb"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
 
@@ -224,8 +225,8 @@ class LiberoEnv(gym.Env):
         joints = [data.qpos[self._joint_addresses]]
         state = np.concatenate([*robot, *bodies, *joints])
         obs = {"state": state, "robot_state": state[:self.layout.robot_size].copy()}
-        if self.camera:
-            obs[f"{self.camera}_rgb"] = np.ascontiguousarray(raw[f"{self.camera}_image"][::-1])
+        for camera in self.cameras:
+            obs[f"{camera}_rgb"] = np.ascontiguousarray(raw[f"{camera}_image"][::-1])
         return obs
 
     def reset(self, *, seed=None, options=None):

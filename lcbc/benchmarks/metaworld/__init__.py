@@ -83,8 +83,8 @@ class MetaWorld(Benchmark):
     def goal(self, task: str, split: str, index: int):
         return split_goal(task, self.check_split(split), index)
 
-    def make_env(self, task: str, camera: str | None = None, image_size: int = 64) -> MetaWorldEnv:
-        return MetaWorldEnv(task, camera=camera, image_size=image_size)
+    def make_env(self, task: str, cameras: tuple[str, ...] = (), image_size: int = 64) -> MetaWorldEnv:
+        return MetaWorldEnv(task, cameras=cameras, image_size=image_size)
 
     def expert(self, task: str):
         expert = scripted_expert(task)

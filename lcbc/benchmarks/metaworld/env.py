@@ -110,17 +110,17 @@ def restore_simulator_state(env, state: np.ndarray) -> None:
 class MetaWorldEnv(gym.Env):
     """One Meta-World task, observations as a dict; `reset(options={"goal": goal})` sets the goal variation.
 
-    Keys: `state` (the 39-d vector), `robot_state` (hand xyz and gripper) and, when a camera is
-    given, `<camera>_rgb` (image_size x image_size x 3 uint8, upright).
+    Keys: `state` (the 39-d vector), `robot_state` (hand xyz and gripper) and, for each of `cameras`,
+    `<camera>_rgb` (image_size x image_size x 3 uint8, upright).
     """
 
     metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, task: str, goal=None, camera: str | None = None, image_size: int = 64):
+    def __init__(self, task: str, goal=None, cameras: tuple[str, ...] = (), image_size: int = 64):
         self.task = task
-        self.camera = camera
-        self._render = {"render_mode": "rgb_array", "camera_name": camera, "width": image_size,
-                        "height": image_size} if camera else {}
+        self.cameras = tuple(cameras)
+        self._render = {"render_mode": "rgb_array", "camera_name": self.cameras[0], "width": image_size,
+                        "height": image_size} if self.cameras else {}
         self._env = self._raw_env(task)
         self._envs = {task: self._env}  # one raw env per task this env has run (see switch_task)
         self.goal = goal if goal is not None else split_goal(task, "train", 0)
@@ -131,7 +131,7 @@ class MetaWorldEnv(gym.Env):
             "state": self._env.observation_space,
             "robot_state": gym.spaces.Box(-np.inf, np.inf, (ROBOT_STATE_DIM,), np.float64),
         }
-        if camera:
+        for camera in self.cameras:
             spaces[f"{camera}_rgb"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
 
@@ -139,7 +139,7 @@ class MetaWorldEnv(gym.Env):
         from metaworld import env_dict
 
         env = env_dict.ALL_V3_ENVIRONMENTS[task](**self._render)
-        if self.camera:
+        if self.cameras:
             # Shadow and reflection passes redraw the 67k-triangle robot: without them a 64 px frame
             # renders 4x faster on a CPU (130 -> 30 ms). Training and evaluation images both come from here.
             env.model.light_castshadow[:] = 0
@@ -148,13 +148,19 @@ class MetaWorldEnv(gym.Env):
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         obs = {"state": state, "robot_state": state[:ROBOT_STATE_DIM].copy()}
-        if self.camera:
-            obs[f"{self.camera}_rgb"] = self.render()
+        for camera in self.cameras:
+            obs[f"{camera}_rgb"] = self.render(camera)
         return obs
 
-    def render(self) -> np.ndarray:
+    def render(self, camera: str | None = None) -> np.ndarray:
+        """The view from `camera` (the first of `cameras` by default), upright."""
+        import mujoco
+
+        camera = camera or self.cameras[0]
+        renderer = self._env.mujoco_renderer
+        renderer.camera_id = mujoco.mj_name2id(self._env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
         image = self._env.render()
-        return np.ascontiguousarray(image[::-1]) if self.camera in FLIPPED_CAMERAS else image
+        return np.ascontiguousarray(image[::-1]) if camera in FLIPPED_CAMERAS else image
 
     def reset(self, *, seed=None, options=None):
         """Meta-World is deterministic given the goal variation: `seed` changes nothing."""
