@@ -41,7 +41,7 @@ def cmd_collect(args) -> None:
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
     report = collect(args.out, args.benchmark, args.episodes_per_task, cameras=cameras, image_size=args.image_size,
                      workers=args.workers, mode=mode, steps_after_success=args.steps_after_success,
-                     action_noise=args.action_noise, after_tasks=args.after_tasks)
+                     action_noise=args.action_noise, after_tasks=args.after_tasks, driver=args.driver)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
     for task in tasks:
         table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
@@ -399,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="std of Gaussian noise added to the actions executed (not the labels stored): demos "
                               "that show the expert correcting small errors (default 0)")
     collect.add_argument("--after-tasks", type=int, default=0,
-                         help="start each demo where 1 to N other tasks of the scene, done first by their experts, "
-                              "left it: demos of a request made mid-episode, for chained requests (default 0)")
+                         help="start each demo where 1 to N other tasks of the scene, done first by their experts "
+                              "(by the --driver policy when given), left it: demos of a request made mid-episode, "
+                              "for chained requests (default 0)")
+    collect.add_argument("--driver", metavar="POLICY",
+                         help="an exported policy that acts while the expert labels every step (DAgger): demos of "
+                              "the states the policy reaches, failed episodes kept too")
     existing = collect.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     existing.add_argument("--resume", action="store_true", help="add the missing episodes to an existing file")

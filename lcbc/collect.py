@@ -16,6 +16,12 @@ them: each episode first runs a random chain of 1 to `after_tasks` other tasks o
 demo's task can follow (Benchmark.can_follow), done by their experts and not recorded, and the demo starts
 where the last one reached its goal, the scene changed by them. A policy cloned from fresh resets alone has
 never seen such a start. Each demo's `after` attribute names the tasks done before it.
+
+`driver` (a cloned policy's folder) makes the policy act while the expert only labels (DAgger, Ross et al.
+2011): the demos show the states the policy itself reaches, its own mistakes included, each labelled with
+what the expert would do there. Every episode is kept, the failed ones most of all; the tasks done first
+(`after_tasks`) are the policy's too, asked for by their canonical instruction, and one it fails ends the
+attempt unrecorded.
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ def _noisy(env, action: np.ndarray, action_noise: float, rng: np.random.Generato
     return np.clip(action + rng.normal(0.0, action_noise, action.shape), env.action_space.low, env.action_space.high)
 
 
-def run_until_reached(env, expert, task: str, obs: dict, action_noise: float, rng: np.random.Generator) -> dict | None:
-    """Step `expert` (actions noised as in the demos) until `task`'s goal holds; the observation then, or
-    None when the episode ends first. The goal is read from info["scene_success"] (see Benchmark)."""
+def run_until_reached(env, actor, task: str, obs: dict, action_noise: float, rng: np.random.Generator) -> dict | None:
+    """Step `actor` (an expert or a driving policy; actions noised as in the demos) until `task`'s goal holds;
+    the observation then, or None when the episode ends first. The goal is read from info["scene_success"]
+    (see Benchmark)."""
     for _ in range(env.max_episode_steps):
-        action = np.clip(expert(obs), env.action_space.low, env.action_space.high)
+        action = np.clip(actor(obs), env.action_space.low, env.action_space.high)
         obs, _, terminated, truncated, info = env.step(_noisy(env, action, action_noise, rng))
         if holding(info, task).get(task):
             return obs
@@ -71,13 +78,15 @@ def run_until_reached(env, expert, task: str, obs: dict, action_noise: float, rn
 
 
 def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUCCESS, action_noise: float = 0.0,
-                   rng: np.random.Generator | None = None, after: list[tuple[str, Callable]] = ()) -> tuple[dict, bool]:
+                   rng: np.random.Generator | None = None, after: list[tuple[str, Callable]] = (),
+                   driver: Callable | None = None) -> tuple[dict, bool]:
     """One expert episode on `goal`; stops `steps_after_success` steps after the first success (so the demo
     also shows what the expert does once the task is done: hold, not wander off), when the environment ends
     it, or at its `max_episode_steps`. Action labels are clipped to the action space; the environment
     executes them with Gaussian noise of std `action_noise` (drawn from `rng`) added. `after`: (task, expert)
     pairs done first, unrecorded, each until its goal holds; the demo then starts with a fresh step limit
-    (`env.restart_step_limit()`), and a failed one ends the attempt."""
+    (`env.restart_step_limit()`), and a failed one ends the attempt. `driver` (observation -> action), when
+    given, is what acts in the demo; the expert's actions are still the labels stored."""
     low, high = env.action_space.low, env.action_space.high
     rng = rng or np.random.default_rng()
     obs, _ = env.reset(options={"goal": goal})
@@ -91,12 +100,13 @@ def rollout_expert(env, expert, goal, steps_after_success: int = STEPS_AFTER_SUC
     success, remaining = False, steps_after_success
     while len(steps["actions"]) < env.max_episode_steps:
         action = np.clip(expert(obs), low, high)
+        executed = action if driver is None else np.clip(driver(obs), low, high)
         if with_states:
             steps["states"].append(env.simulator_state())
         for key, value in obs.items():
             steps[f"obs/{key}"].append(value)
         steps["actions"].append(action)
-        obs, _, terminated, truncated, info = env.step(_noisy(env, action, action_noise, rng))
+        obs, _, terminated, truncated, info = env.step(_noisy(env, executed, action_noise, rng))
         steps["rewards"].append(float(info["success"]))
         success = success or bool(info["success"])
         if success:
@@ -120,14 +130,40 @@ def predecessors(benchmark, task: str) -> list[str]:
     return [other for other in benchmark.scene(task) if benchmark.can_follow(other, task)]
 
 
+class PolicyDriver:
+    """The cloned policy at `path` as what acts in a collection with a `driver`, in one environment:
+    `reset()` as an episode starts, `acting(task)` asks for `task` (its canonical instruction) from there on.
+    Requests of one episode share its memory, as in a chained evaluation."""
+
+    def __init__(self, path: str, benchmark):
+        import torch
+
+        from lcbc.evaluation.rollout import PolicyActor
+        from lcbc.policies.language_policy import LanguagePolicy
+
+        torch.set_num_threads(1)  # one environment a step: one thread is fastest
+        self.actor, self.benchmark = PolicyActor(LanguagePolicy.from_pretrained(path)), benchmark
+
+    def reset(self) -> None:
+        self.actor.reset(np.ones(1, dtype=bool))
+
+    def acting(self, task: str) -> Callable[[dict], np.ndarray]:
+        from lcbc.evaluation.rollout import Job
+
+        job = Job(task, self.benchmark.canonical_instruction(task), 0)
+        return lambda obs: self.actor({key: np.asarray(value)[None] for key, value in obs.items()}, [job])[0]
+
+
 def collect_task(benchmark_spec: str, task: str, episodes: int, cameras: tuple[str, ...], image_size: int,
-                 steps_after_success: int, action_noise: float, after_tasks: int, done_episodes: frozenset[int],
-                 emit: Callable) -> None:
-    """Roll out the expert on new training goals of `task` until `episodes` successes; emit each kept one."""
+                 steps_after_success: int, action_noise: float, after_tasks: int, driver: str | None,
+                 done_episodes: frozenset[int], emit: Callable) -> None:
+    """Roll out the expert (or the `driver` policy, the expert labelling) on new training goals of `task`
+    until `episodes` are kept: the successful ones, or every one with a driver. Emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
     try:
         benchmark = load_benchmark(benchmark_spec)
         experts = {name: benchmark.expert(name) for name in (task, *predecessors(benchmark, task))}
+        policy = PolicyDriver(driver, benchmark) if driver else None
         env = benchmark.make_env(task, cameras=cameras, image_size=image_size)
         kept, attempts, episode = len(done_episodes), 0, 0
         max_episode = 3 * episodes + 20
@@ -137,11 +173,15 @@ def collect_task(benchmark_spec: str, task: str, episodes: int, cameras: tuple[s
                 # episode identically.
                 rng = np.random.default_rng([zlib.crc32(task.encode()), episode, *([after_tasks] * bool(after_tasks))])
                 before = first_tasks(benchmark, task, after_tasks, rng)
+                if policy:
+                    policy.reset()
                 arrays, success = rollout_expert(env, experts[task], benchmark.goal(task, "train", episode),
                                                  steps_after_success, action_noise, rng,
-                                                 after=[(name, experts[name]) for name in before])
+                                                 after=[(name, policy.acting(name) if policy else experts[name])
+                                                        for name in before],
+                                                 driver=policy.acting(task) if policy else None)
                 attempts += 1
-                if success:
+                if success or (policy and arrays):
                     kept += 1
                     emit(("episode", task, episode, arrays, before))
             episode += 1
@@ -176,12 +216,28 @@ def _worker(jobs, results, parent: int) -> None:
         collect_task(*job, emit=results.put)
 
 
+def check_driver(path: str, benchmark, tasks: list[str], cameras: tuple[str, ...]) -> None:
+    """A driving policy loads, can be asked for each task, and sees what the collection renders."""
+    from lcbc.policies.language_policy import LanguagePolicy
+
+    config = LanguagePolicy.from_pretrained(path).config
+    if config["task_mode"] == "goal":
+        raise UserError(f"--driver {path}: a goal-conditioned policy cannot be asked for a task")
+    unknown = [task for task in tasks if config["task_mode"] == "onehot" and task not in config["tasks"]]
+    if unknown:
+        raise UserError(f"--driver {path}: the policy was not trained on {unknown[0]}")
+    unseen = [key for key in config["image_keys"] if key.removesuffix("_rgb") not in cameras]
+    if unseen:
+        raise UserError(f"--driver {path}: the policy reads {unseen[0]}; record it with --obs both --camera")
+
+
 def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tuple[str, ...] = (),
             image_size: int = 64, workers: int = 1, mode: str = "create",
             steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None,
-            action_noise: float = 0.0, after_tasks: int = 0) -> CollectionReport:
+            action_noise: float = 0.0, after_tasks: int = 0, driver: str | None = None) -> CollectionReport:
     """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into
-    `out`, each after a chain of up to `after_tasks` other tasks (see the module docstring)."""
+    `out`, each after a chain of up to `after_tasks` other tasks; with `driver`, a policy folder, that many
+    episodes in which the policy acts and the expert labels (see the module docstring)."""
     benchmark = load_benchmark(benchmark_spec)
     tasks = list(tasks or benchmark.tasks)
     needed = set(tasks) | {other for task in tasks for other in predecessors(benchmark, task)} if after_tasks else tasks
@@ -192,22 +248,25 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tupl
     if alone:
         raise UserError(f"--after-tasks: no task of {benchmark.name} can come before {alone[0]} in one episode "
                         f"(Benchmark.can_follow)")
+    if driver:
+        check_driver(driver, benchmark, tasks, cameras)
     env_args = {"env_name": benchmark.name, "env_type": "lcbc",
                 "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "cameras": list(cameras),
                                "image_size": image_size, "steps_after_success": steps_after_success,
                                **({"action_noise": action_noise} if action_noise else {}),  # absent: none
-                               **({"after_tasks": after_tasks} if after_tasks else {})}}
+                               **({"after_tasks": after_tasks} if after_tasks else {}),
+                               **({"driver": str(driver)} if driver else {})}}
     report = CollectionReport()
-    # A resumed file must hold the same observations, so the same cameras and image size, and the same noise
-    # and starts.
+    # A resumed file must hold the same observations, so the same cameras and image size, and the same noise,
+    # starts and driver.
     with DemoWriter(out, env_args, mode=mode, same_setup=("cameras", "image_size", "action_noise",
-                                                          "after_tasks")) as writer:
+                                                          "after_tasks", "driver")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
         jobs = [(benchmark_spec, task, episodes_per_task, tuple(cameras), image_size, steps_after_success, action_noise,
-                 after_tasks, frozenset(done[task])) for task in tasks]
+                 after_tasks, driver and str(driver), frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,11 +13,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_evaluation import trained_policy  # noqa: F401  (fixture: RT-1-tiny cloned from 3 demos a task)
 
 from lcbc.benchmarks.metaworld import instruction_table
 from lcbc.cli import main
 from lcbc.data.dataset import DemoDataset
 from lcbc.data.hdf5 import demo_names, open_demo_file, summarize, validate
+from lcbc.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +101,56 @@ def test_action_noise_moves_the_episode_off_the_expert_path_and_keeps_the_expert
     # Every stored label is what the expert asks for in the state the noisy episode visited.
     relabelled = [np.clip(expert({"state": state}), -1, 1) for state in noisy["obs/state"]]
     np.testing.assert_allclose(noisy["actions"], relabelled, atol=1e-6)
+
+
+def test_a_driving_policy_acts_while_the_expert_labels_and_every_episode_is_kept(trained_policy, tmp_path):  # noqa: F811
+    from lcbc.benchmark import load_benchmark
+    from lcbc.collect import collect
+    from lcbc.policies.language_policy import LanguagePolicy
+
+    path = tmp_path / "dagger.hdf5"
+    report = collect(str(path), "metaworld:reach-v3", episodes_per_task=2, steps_after_success=0,
+                     driver=str(trained_policy))
+    assert report.attempts == report.kept == {"reach-v3": 2}  # failed episodes are kept too
+    benchmark = load_benchmark("reach-v3")
+    env, expert = benchmark.make_env("reach-v3"), benchmark.expert("reach-v3")
+    policy = LanguagePolicy.from_pretrained(trained_policy)
+    with h5py.File(path) as f:
+        demos = [f["data"][name] for name in demo_names(f)]
+        assert json.loads(f["data"].attrs["env_args"])["env_kwargs"]["driver"] == str(trained_policy)
+        assert {int(demo.attrs["episode"]) for demo in demos} == {0, 1}
+        for demo in demos:
+            states, labels = demo["obs/state"][()], demo["actions"][()]
+            # The states are the policy's own episode: its actions, replayed from the same start, visit them.
+            obs, _ = env.reset(options={"goal": benchmark.goal("reach-v3", "train", int(demo.attrs["episode"]))})
+            policy.reset()
+            for state in states:
+                np.testing.assert_allclose(obs["state"], state, atol=1e-5)
+                obs, *_ = env.step(np.clip(policy.act(obs, demo.attrs["instruction"]), -1, 1))
+            # The labels are the expert's, in those states, not what the policy did.
+            np.testing.assert_allclose(labels, [np.clip(expert({"state": state}), -1, 1) for state in states],
+                                       atol=1e-6)
+    env.close()
+
+
+@pytest.mark.parametrize("driver, message", [("nowhere", "not an exported policy"), (None, "reads corner_rgb")])
+def test_a_driver_that_cannot_act_here_fails_in_one_line(driver, message, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lcbc.collect import check_driver
+
+    if driver is None:  # a pixel policy, in a state-only collection
+        pixels = SimpleNamespace(config={"task_mode": "language", "tasks": [], "image_keys": ["corner_rgb"]})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("lcbc.policies.language_policy.LanguagePolicy.from_pretrained", lambda path: pixels)
+            with pytest.raises(UserError, match=message):
+                check_driver("pixels", None, ["reach-v3"], ())
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "--benchmark", "reach-v3", "--out", str(tmp_path / "x.hdf5"), "--driver", driver])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x.hdf5").exists()
 
 
 def test_collect_resume_refuses_another_action_noise(metaworld_file, tmp_path, capsys):
