@@ -437,7 +437,7 @@ def test_actor_gradient_is_the_whole_batchs_with_unimitated_rows_left_out(pcgrad
     parameters = module._actor_parameters()
 
     torch.manual_seed(0)  # PCGrad's task order
-    metrics = module._actor_backward(batch, task, advantage)
+    metrics = module._actor_backward(batch, task, advantage, state=None)  # the critics' state: only q_gradient reads it
     skipped = [p.grad.clone() for p in parameters]
     own_goal_weight = torch.ones(8)
     for row, task_name in ((0, "reach-v3"), (6, "reach-v3"), (1, "drawer-open-v3")):
@@ -643,6 +643,8 @@ def test_every_finetune_config_instantiates(tmp_path):
      "model.goal_offset_scale: no task of metaworld:drawer-open-v3 has a goal in its state"),
     (None, "reach-v3", "model: {reset_free_failures: -1}",
      "model.reset_free_failures: -1 is not a non-negative integer"),
+    (None, "reach-v3", "model: {q_gradient: -1}", "model.q_gradient: -1.0 is not a non-negative number"),
+    (None, "reach-v3", "model: {q_gradient: 1, pcgrad: true}", "model.q_gradient and model.pcgrad"),
 ])
 def test_bad_inputs_exit_2_with_one_line(policy, benchmark, config, message, trained_policy,  # noqa: F811
                                          tmp_path, capsys):
@@ -688,13 +690,14 @@ def test_critics_see_how_far_each_rows_achieved_goal_is_from_its_goal(trained_po
                           atol=1e-6)
 
 
-@pytest.mark.parametrize("imitate", ["ranked", "successful"])
-def test_the_critic_decides_what_the_ranked_actor_learns(imitate, trained_policy):  # noqa: F811
+@pytest.mark.parametrize("imitate, q_gradient", [("ranked", 0.0), ("successful", 0.0), ("successful", 2.5)])
+def test_the_critic_decides_what_the_ranked_actor_learns(imitate, q_gradient, trained_policy):  # noqa: F811
     """Every stored action is a bad one and the critic values actions by their closeness to another: cloning
-    the replay moves the actor toward the stored action, the ranked update toward what the critic prefers."""
+    the replay moves the actor toward the stored action; the ranked update, and cloning with the critics'
+    gradient added (`q_gradient`), toward what the critic prefers."""
     torch.manual_seed(0)
     module = FineTuning(policy=str(trained_policy), benchmark=TASKS, imitate=imitate, beta=0.0, ranked_samples=16,
-                        exploration_std=0.3)
+                        exploration_std=0.3, q_gradient=q_gradient)
     module.setup("fit")
     module.manual_backward = lambda loss: loss.backward()
     preferred, stored = torch.tensor([0.6, -0.6, 0.6, 0.0]), torch.tensor([-0.6, 0.6, -0.6, 0.0])
@@ -702,7 +705,8 @@ def test_the_critic_decides_what_the_ranked_actor_learns(imitate, trained_policy
         [-(action - module.inputs.action(preferred[None])).square().sum(-1)] * 2)
     history, rows = module.policy.rt1_config.history, 64
     batch = {"obs_window": torch.randn(rows, history, 39), "window_mask": torch.ones(rows, history, dtype=torch.bool),
-             "action": stored.repeat(rows, 1), "reaches_goal": torch.ones(rows, dtype=torch.bool),
+             # With the critics' term, no transition reached its goal: cloning alone would not move the actor.
+             "action": stored.repeat(rows, 1), "reaches_goal": torch.full((rows,), not q_gradient),
              "task": torch.arange(rows) % 2, "source": torch.zeros(rows, dtype=torch.uint8),
              "relabel": torch.zeros(rows, dtype=torch.uint8)}
     task = {module.task_key: module.task_inputs[batch["task"]]}
@@ -721,10 +725,10 @@ def test_the_critic_decides_what_the_ranked_actor_learns(imitate, trained_policy
         if imitate == "ranked":
             step["action"], metrics = module._ranked_actions(batch, task, state)
             assert metrics["actor/ranked_stored"] == 0.0 and metrics["actor/ranked_gain"] > 0
-        module._actor_backward(step, task, torch.zeros(rows))
+        module._actor_backward(step, task, torch.zeros(rows), state)
         optimizer.step()
     after = distance_to(preferred), distance_to(stored)
-    if imitate == "ranked":
+    if imitate == "ranked" or q_gradient:
         assert after[0] < 0.5 * before[0]
     else:
         assert after[1] < 0.5 * before[1] and after[0] > before[0]

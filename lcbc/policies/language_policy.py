@@ -147,11 +147,12 @@ class LanguagePolicy(nn.Module):
             action_error = (error * mask).sum() / mask.sum().clamp_min(1)
         return loss, {"token_accuracy": accuracy, "action_l1": action_error}
 
-    def log_likelihood(self, batch: dict) -> torch.Tensor:
+    def log_likelihood(self, batch: dict, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-likelihood of the batch's actions, (B,): minus the cross-entropy of their target
         bins (the training loss's own term), summed over action dimensions and real chunk steps. RL's
-        advantage-weighted actor update weighs these per transition."""
-        cross_entropy = RT1.cross_entropy(self.logits(batch), self.action_tokenizer.targets(batch["actions"]))
+        advantage-weighted actor update weighs these per transition. `logits`: the batch's, when computed."""
+        logits = self.logits(batch) if logits is None else logits
+        cross_entropy = RT1.cross_entropy(logits, self.action_tokenizer.targets(batch["actions"]))
         return -(cross_entropy.sum(-1) * batch["action_mask"]).sum(-1)
 
     @torch.inference_mode()

@@ -432,6 +432,12 @@ class ActionTokenizer(nn.Module):
         targets = torch.zeros(*actions.shape, self.num_bins, device=actions.device)
         return targets.scatter_add_(-1, bins.clamp(0, self.num_bins - 1), mass)
 
+    def expectation(self, logits: Tensor) -> Tensor:
+        """(..., A, num_bins) logits -> (..., A): the mean action under all the bins' probabilities. Unlike
+        `decode` it moves with every bin's probability, so a gradient through it can carry the mode anywhere."""
+        centres = torch.arange(self.num_bins, device=logits.device) + 0.5
+        return self.low + (logits.float().softmax(-1) * centres).sum(-1) * self.bin_width
+
     def decode(self, logits: Tensor) -> Tensor:
         """(..., A, num_bins) logits -> (..., A) actions: the probability-weighted mean of the bin centres
         within 3 sigma of the most likely bin (the bin centre itself for one-hot training). Staying near

@@ -19,7 +19,9 @@ Read top to bottom. Notation: s state, z task vector, a action, r reward, d term
                        `return_bound` the target is at least the transition's own discounted return
 5. ``awr_weights``  -- w = min(exp(beta A / std(A)), max_weight), A = min_i Qtarget_i(s, a) - V(s), std over
                        the batch: beta is a temperature in units of the batch's advantage spread
-6. ``actor_loss``   -- L_pi = -E[w log pi(a | s, z)] (per task when PCGrad takes the tasks apart).
+6. ``actor_loss``   -- L_pi = -E[w log pi(a | s, z)] (per task when PCGrad takes the tasks apart);
+   ``q_gradient_loss`` -- with `q_gradient` alpha, plus -alpha E[Q(s, z, pi(s, z))] / E|Q| (TD3+BC): the
+                       critics' gradient at the policy's own action, on every row.
 7. ``Critics.update_target`` -- Qtarget <- (1 - polyak) Qtarget + polyak Q after every update.
 
 V(s') is the TD target, so no target V is needed; the Polyak-averaged Q networks give V and the
@@ -226,3 +228,10 @@ def actor_loss(log_likelihood: Tensor, weights: Tensor) -> Tensor:
     """Advantage-weighted behavior cloning: -mean(w * log pi(a | s, z)). The weights are constants: the
     actor moves toward the data's better actions and never differentiates through the critics."""
     return -(weights.detach() * log_likelihood).mean()
+
+
+def q_gradient_loss(q: Tensor, alpha: float) -> Tensor:
+    """TD3+BC's actor term (Fujimoto and Gu 2021): -alpha * mean(Q) / mean(|Q|), Q the critics' value of the
+    policy's own actions (differentiable in them, the critics held fixed). Dividing by the batch's mean |Q|
+    keeps its balance with the cloning loss whatever the reward scale."""
+    return -alpha * (q / q.abs().mean().detach().clamp_min(1e-6)).mean()

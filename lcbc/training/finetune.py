@@ -31,7 +31,7 @@ from lcbc.errors import UserError
 from lcbc.evaluation.rollout import PolicyActor, rollout
 from lcbc.policies.language_policy import LanguagePolicy
 from lcbc.rl.collector import NOISE, NOISE_SCALE, TASK_COLLECTION, Collector
-from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss
+from lcbc.rl.iql import CriticInputs, Critics, IQLConfig, actor_loss, awr_weights, critic_loss, q_gradient_loss
 from lcbc.rl.pcgrad import pcgrad_backward
 from lcbc.rl.replay import DEMO, ORIGINAL, RelabelConfig, ReplayBuffer
 from lcbc.training.cli import RunFolderCLI, check_checkpoint, config_error, quiet_lightning
@@ -89,6 +89,7 @@ class FineTuning(L.LightningModule):
                  beta: float = 1.0, max_weight: float = 100.0, polyak: float = 0.005, critic_hidden: int = 256,
                  critic_layers: int = 2, critic_failed_relabels: bool = True, return_bound: bool = False,
                  goal_offset_scale: float | None = None, imitate: str = "all", ranked_samples: int = 8,
+                 q_gradient: float = 0.0,
                  actor_lr: float = 1e-4, critic_lr: float = 3e-4, gradient_clip: float | None = 1.0,
                  pcgrad: bool = False,
                  actor_augmentation: ActorAugmentation | None = None, demo_goal_weights: dict[str, float] | None = None,
@@ -123,6 +124,10 @@ class FineTuning(L.LightningModule):
                             "the tasks (Benchmark.reverse), so nothing can practise without resets")
         if isinstance(reset_free_failures, bool) or not isinstance(reset_free_failures, int) or reset_free_failures < 0:
             raise UserError(f"model.reset_free_failures: {reset_free_failures!r} is not a non-negative integer")
+        if isinstance(q_gradient, bool) or not isinstance(q_gradient, int | float) or not q_gradient >= 0:
+            raise UserError(f"model.q_gradient: {q_gradient!r} is not a non-negative number")
+        if q_gradient and pcgrad:
+            raise UserError("model.q_gradient and model.pcgrad: the critics' term is not split by task; use one")
         if not solved_task_weight > 0:
             raise UserError(f"model.solved_task_weight: {solved_task_weight!r} is not a positive number")
         self.automatic_optimization = False
@@ -273,7 +278,7 @@ class FineTuning(L.LightningModule):
             if hp.imitate == "ranked":
                 batch["action"], ranked = self._ranked_actions(batch, task, state)
                 metrics.update(ranked)
-            metrics.update(self._actor_backward(batch, task, advantage))
+            metrics.update(self._actor_backward(batch, task, advantage, state))
         if hp.gradient_clip:
             for group in optimizer.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], hp.gradient_clip)
@@ -324,11 +329,13 @@ class FineTuning(L.LightningModule):
                         "actor/ranked_policy": (best == 1).float().mean(),
                         "actor/ranked_gain": (values.max(1).values - values[:, 0]).mean()}
 
-    def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _actor_backward(self, batch: dict, task: dict, advantage: torch.Tensor,
+                        state: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of the advantage-weighted log-likelihood of the batch's actions (PCGrad: per task): the
         replay's, or under `imitate: ranked` the critics' choice; with `imitate: successful`, of the transitions
         that reach their goal only, with `imitate: advantage` of those with a positive advantage;
-        `demo_goal_weights` scales the named tasks' demonstration rows that keep their own goal."""
+        `demo_goal_weights` scales the named tasks' demonstration rows that keep their own goal. With
+        `q_gradient`, plus the critics' term on every row (`_q_gradient_loss`)."""
         hp = self.hparams
         weights = awr_weights(advantage, self.iql.beta, self.iql.max_weight)
         if hp.imitate == "successful":
@@ -341,6 +348,10 @@ class FineTuning(L.LightningModule):
                    "actor/weight_clipped": (weights >= self.iql.max_weight * (1 - 1e-6)).float().mean()}
         # RT-1 runs on the rows with a weight only: a zero-weight row adds nothing to the loss or its gradient,
         # and under `imitate: successful` a fifth to a half of a batch has none (the actor is 70% of an update).
+        if hp.q_gradient:
+            loss, q_metrics = self._q_gradient_loss(batch, task, state, weights)
+            self.manual_backward(loss)
+            return {"actor/loss": loss.detach(), **metrics, **q_metrics}
         rows = torch.nonzero(weights > 0).squeeze(1)
         if len(rows) == 0:
             return metrics
@@ -364,16 +375,38 @@ class FineTuning(L.LightningModule):
             self.manual_backward(loss)
         return {"actor/loss": loss.detach(), **metrics}
 
+    def _q_gradient_loss(self, batch: dict, task: dict, state: torch.Tensor,
+                         weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted cloning loss plus iql.q_gradient_loss of min Q(s, z, pi(s, z)) over the whole batch:
+        pi(s, z) is the policy's mean action under its bin probabilities, so the critics' gradient reaches the
+        actor at every replay state, failed ones and zero-reward relabels included, and can move its most
+        likely bin anywhere. The critics are constants here: only the actor moves."""
+        rows = torch.arange(len(weights))
+        policy_batch = self._policy_batch(batch, task, rows)
+        logits = self.policy.logits(policy_batch)
+        log_likelihood = self.policy.log_likelihood(policy_batch, logits)
+        taken = self.inputs.action(self.policy.action_tokenizer.expectation(logits[:, 0]))
+        self.critics.requires_grad_(False)
+        try:
+            q = self.critics.q_values(state, taken).min(0).values
+        finally:
+            self.critics.requires_grad_(True)
+        loss = actor_loss(log_likelihood, weights) + q_gradient_loss(q, self.hparams.q_gradient)
+        return loss, {"actor/q_policy_action": q.mean().detach()}
+
     def _log_likelihood(self, batch: dict, task: dict, rows: torch.Tensor) -> torch.Tensor:
         """RT-1's log-likelihood of the replay's action at these rows of the batch, as their chunk's first step."""
+        return self.policy.log_likelihood(self._policy_batch(batch, task, rows))
+
+    def _policy_batch(self, batch: dict, task: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The policy's view of these rows of the batch, the replay's action as their chunk's first step."""
         chunk = self.policy.rt1_config.action_chunk
         actions = torch.zeros(len(rows), chunk, batch["action"].shape[-1])
         actions[:, 0] = batch["action"][rows]  # later chunk steps are masked out
         action_mask = torch.zeros(len(rows), chunk, dtype=torch.bool)
         action_mask[:, 0] = True
-        return self.policy.log_likelihood({
-            "obs": self.inputs.observation(batch["obs_window"][rows]), "obs_mask": batch["window_mask"][rows],
-            "actions": actions, "action_mask": action_mask, **{key: value[rows] for key, value in task.items()}})
+        return {"obs": self.inputs.observation(batch["obs_window"][rows]), "obs_mask": batch["window_mask"][rows],
+                "actions": actions, "action_mask": action_mask, **{key: value[rows] for key, value in task.items()}}
 
     def _evaluate(self) -> None:
         """Success on the validation goals with the decoded actions, no noise. A copy of the policy runs it,
