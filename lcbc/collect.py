@@ -251,8 +251,9 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tupl
     if driver:
         check_driver(driver, benchmark, tasks, cameras)
     env_args = {"env_name": benchmark.name, "env_type": "lcbc",
-                "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "cameras": list(cameras),
-                               "image_size": image_size, "steps_after_success": steps_after_success,
+                "env_kwargs": {"benchmark": benchmark_spec, "tasks": tasks, "image_size": image_size,
+                               "steps_after_success": steps_after_success,
+                               **({"cameras": list(cameras)} if cameras else {}),  # absent: state only
                                **({"action_noise": action_noise} if action_noise else {}),  # absent: none
                                **({"after_tasks": after_tasks} if after_tasks else {}),
                                **({"driver": str(driver)} if driver else {})}}

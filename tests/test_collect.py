@@ -59,6 +59,7 @@ def test_collection_with_camera_images(tmp_path):
         images, robot = demo["obs/corner_rgb"][()], demo["obs/robot_state"][()]
         from_above = demo["obs/topview_rgb"][()]
         np.testing.assert_array_equal(robot, demo["obs/state"][:, :4])
+        assert json.loads(f["data"].attrs["env_args"])["env_kwargs"]["cameras"] == ["corner", "topview"]
     assert images.shape == from_above.shape == (len(robot), 32, 32, 3) and images.dtype == np.uint8
     assert np.abs(images.astype(int) - from_above).mean() > 10  # two views of one scene, not one view twice
     moved = np.abs(images[-1].astype(int) - images[0]).sum(-1) > 30  # pixels the arm's reach changed
