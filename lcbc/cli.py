@@ -19,7 +19,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 # The smallest value each numeric option takes, checked for every subcommand that has it.
 SMALLEST = {"episodes_per_task": 1, "episodes": 1, "envs_per_task": 1, "workers": 1, "image_size": 1, "videos": 0,
             "episode": 0, "steps_after_success": 0, "action_noise": 0, "batches": 1, "batch_size": 1, "port": 0,
-            "max_sessions": 1, "chain": 1, "after_tasks": 0}
+            "max_sessions": 1, "chain": 1, "after_tasks": 0, "first_placement": 0}
 BENCHMARK_HELP = ("a benchmark plug-in and its argument: metaworld:MT10, metaworld:MT50, metaworld:reach-v3,push-v3 "
                   "(MT10, MT50 and Meta-World task names alone also work), libero:goal (or libero:goal:TASK,TASK), "
                   "or my_package.module:ARG")
@@ -41,7 +41,8 @@ def cmd_collect(args) -> None:
     mode = "overwrite" if args.overwrite else "append" if args.resume else "create"
     report = collect(args.out, args.benchmark, args.episodes_per_task, cameras=cameras, image_size=args.image_size,
                      workers=args.workers, mode=mode, steps_after_success=args.steps_after_success,
-                     action_noise=args.action_noise, after_tasks=args.after_tasks, driver=args.driver)
+                     action_noise=args.action_noise, after_tasks=args.after_tasks, driver=args.driver,
+                     first_placement=args.first_placement)
     table = Table("task", "attempts", "kept", title=f"{args.out}")
     for task in tasks:
         table.add_row(task, str(report.attempts.get(task, 0)), str(report.kept.get(task, 0)))
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--driver", metavar="POLICY",
                          help="an exported policy that acts while the expert labels every step (DAgger): demos of "
                               "the states the policy reaches, failed episodes kept too")
+    collect.add_argument("--first-placement", type=int, default=0, metavar="N",
+                         help="run episodes on the train placements from N on (default 0); with --driver, past "
+                              "the placements of the policy's own demos")
     existing = collect.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     existing.add_argument("--resume", action="store_true", help="add the missing episodes to an existing file")

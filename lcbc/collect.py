@@ -21,7 +21,8 @@ never seen such a start. Each demo's `after` attribute names the tasks done befo
 2011): the demos show the states the policy itself reaches, its own mistakes included, each labelled with
 what the expert would do there. Every episode is kept, the failed ones most of all; the tasks done first
 (`after_tasks`) are the policy's too, asked for by their canonical instruction, and one it fails ends the
-attempt unrecorded.
+attempt unrecorded. Episode i runs on train placement i, so a driver given the placements its own demos
+came from mostly succeeds; `first_placement` moves the collection to placements it has not seen.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class PolicyDriver:
 
 def collect_task(benchmark_spec: str, task: str, episodes: int, cameras: tuple[str, ...], image_size: int,
                  steps_after_success: int, action_noise: float, after_tasks: int, driver: str | None,
-                 done_episodes: frozenset[int], emit: Callable) -> None:
+                 first_placement: int, done_episodes: frozenset[int], emit: Callable) -> None:
     """Roll out the expert (or the `driver` policy, the expert labelling) on new training goals of `task`
     until `episodes` are kept: the successful ones, or every one with a driver. Emit each kept one."""
     warnings.filterwarnings("ignore", message="Constant")
@@ -165,8 +166,8 @@ def collect_task(benchmark_spec: str, task: str, episodes: int, cameras: tuple[s
         experts = {name: benchmark.expert(name) for name in (task, *predecessors(benchmark, task))}
         policy = PolicyDriver(driver, benchmark) if driver else None
         env = benchmark.make_env(task, cameras=cameras, image_size=image_size)
-        kept, attempts, episode = len(done_episodes), 0, 0
-        max_episode = 3 * episodes + 20
+        kept, attempts, episode = len(done_episodes), 0, first_placement
+        max_episode = first_placement + 3 * episodes + 20
         while kept < episodes and episode < max_episode:
             if episode not in done_episodes:
                 # The noise (and the tasks done first) are the episode's own: a resumed collection redoes an
@@ -234,10 +235,12 @@ def check_driver(path: str, benchmark, tasks: list[str], cameras: tuple[str, ...
 def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tuple[str, ...] = (),
             image_size: int = 64, workers: int = 1, mode: str = "create",
             steps_after_success: int = STEPS_AFTER_SUCCESS, tasks: list[str] | None = None,
-            action_noise: float = 0.0, after_tasks: int = 0, driver: str | None = None) -> CollectionReport:
+            action_noise: float = 0.0, after_tasks: int = 0, driver: str | None = None,
+            first_placement: int = 0) -> CollectionReport:
     """Collect `episodes_per_task` successful expert demos of each of the benchmark's tasks (or `tasks`) into
     `out`, each after a chain of up to `after_tasks` other tasks; with `driver`, a policy folder, that many
-    episodes in which the policy acts and the expert labels (see the module docstring)."""
+    episodes in which the policy acts and the expert labels (see the module docstring). Episodes run on train
+    placements `first_placement`, `first_placement` + 1, ..."""
     benchmark = load_benchmark(benchmark_spec)
     tasks = list(tasks or benchmark.tasks)
     needed = set(tasks) | {other for task in tasks for other in predecessors(benchmark, task)} if after_tasks else tasks
@@ -256,18 +259,19 @@ def collect(out: str, benchmark_spec: str, episodes_per_task: int, cameras: tupl
                                **({"cameras": list(cameras)} if cameras else {}),  # absent: state only
                                **({"action_noise": action_noise} if action_noise else {}),  # absent: none
                                **({"after_tasks": after_tasks} if after_tasks else {}),
-                               **({"driver": str(driver)} if driver else {})}}
+                               **({"driver": str(driver)} if driver else {}),
+                               **({"first_placement": first_placement} if first_placement else {})}}
     report = CollectionReport()
     # A resumed file must hold the same observations, so the same cameras and image size, and the same noise,
-    # starts and driver.
-    with DemoWriter(out, env_args, mode=mode, same_setup=("cameras", "image_size", "action_noise",
-                                                          "after_tasks", "driver")) as writer:
+    # starts, driver and placements.
+    with DemoWriter(out, env_args, mode=mode, same_setup=("cameras", "image_size", "action_noise", "after_tasks",
+                                                          "driver", "first_placement")) as writer:
         done: dict[str, set[int]] = {task: set() for task in tasks}
         for attrs in writer.existing_demo_attrs():
             if attrs.get("task") in done and attrs.get("split") == "train":
                 done[attrs["task"]].add(int(attrs["episode"]))
         jobs = [(benchmark_spec, task, episodes_per_task, tuple(cameras), image_size, steps_after_success, action_noise,
-                 after_tasks, driver and str(driver), frozenset(done[task])) for task in tasks]
+                 after_tasks, driver and str(driver), first_placement, frozenset(done[task])) for task in tasks]
         total = episodes_per_task * len(tasks)
         columns = (TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns) as progress:

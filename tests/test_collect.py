@@ -165,6 +165,20 @@ def test_collect_resume_refuses_another_action_noise(metaworld_file, tmp_path, c
     assert exit_info.value.code == 2 and "action_noise" in capsys.readouterr().err
 
 
+def test_first_placement_moves_the_episodes_to_later_placements_and_is_kept_on_resume(metaworld_file, tmp_path,
+                                                                                   capsys):
+    out = tmp_path / "later.hdf5"
+    main(["collect", "--benchmark", "reach-v3", "--episodes-per-task", "2", "--out", str(out), "--workers", "1",
+          "--first-placement", "100", "--steps-after-success", "0"])
+    with open_demo_file(out) as f:
+        episodes = sorted(int(f["data"][name].attrs["episode"]) for name in validate(f, out))
+    assert episodes == [100, 101]
+    with pytest.raises(SystemExit) as exit_info:  # the same file from placement 0 on would mix two collections
+        main(["collect", "--benchmark", "reach-v3", "--episodes-per-task", "3", "--out", str(out), "--resume",
+              "--workers", "1", "--steps-after-success", "0"])
+    assert exit_info.value.code == 2 and "first_placement" in capsys.readouterr().err
+
+
 def test_collect_after_other_tasks_needs_tasks_that_can_come_first(tmp_path, capsys):
     """Meta-World's tasks each have a scene of their own: no task can be done before another in one episode."""
     with pytest.raises(SystemExit) as exit_info:
