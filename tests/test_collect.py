@@ -165,8 +165,7 @@ def test_collect_resume_refuses_another_action_noise(metaworld_file, tmp_path, c
     assert exit_info.value.code == 2 and "action_noise" in capsys.readouterr().err
 
 
-def test_first_placement_moves_the_episodes_to_later_placements_and_is_kept_on_resume(metaworld_file, tmp_path,
-                                                                                   capsys):
+def test_first_placement_moves_the_episodes_to_later_placements_and_is_kept_on_resume(tmp_path, capsys):
     out = tmp_path / "later.hdf5"
     main(["collect", "--benchmark", "reach-v3", "--episodes-per-task", "2", "--out", str(out), "--workers", "1",
           "--first-placement", "100", "--steps-after-success", "0"])
